@@ -1,0 +1,8 @@
+"""dlcore: fused attention, diffusion sampler step, Mamba selective scan and LoRA kernels."""
+
+from . import _ext  # noqa: F401  (loads the C++/CUDA kernel libraries when built)
+from .backends import BACKENDS, backend, backends
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "backend", "backends"]

@@ -1,0 +1,74 @@
+"""The shared mechanism every family's ops use: input checks with actionable messages, and
+backend dispatch. Families register their ops with ``torch.library.custom_op`` (schema),
+``register_fake`` (meta) and ``register_autograd``; the custom op's body calls ``dispatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..backends import select
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(
+    name: str,
+    t: Any,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    layout: str = "",
+) -> torch.Tensor:
+    """Raise a ValueError naming ``name``, what was seen and what was expected.
+
+    ``shape`` entries of None match any size; ``layout`` names the axes, e.g. "(batch, dim, L)".
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    want = f" {layout}" if layout else ""
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions{want}, "
+                f"got shape {tuple(t.shape)}"
+            )
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(
+            s is None or s == d for s, d in zip(shape, t.shape, strict=True)
+        )
+        if not ok:
+            expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {expected}{want}, got {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise ValueError(
+                f"{name} must have dtype {' or '.join(map(_dtype_name, dtypes))}, "
+                f"got {_dtype_name(t.dtype)}"
+            )
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+    return t
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any outer strides but need unit stride in the last dimension."""
+    return t if t.stride(-1) == 1 or t.numel() <= 1 else t.contiguous()
+
+
+def dispatch(
+    op: str, impls: Mapping[str, Callable[..., Any]], device: torch.device, *args: Any, **kw: Any
+) -> Any:
+    """Run ``op`` with the backend chosen for ``device`` among those in ``impls``."""
+    return impls[select(op, device, impls)](*args, **kw)
