@@ -7,6 +7,38 @@
 
 TORCH_LIBRARY(dlcore, m) {
   // ---- sampler (csrc/cpu/sampler.cpp, csrc/cuda/sampler.cu) ----
+
+  // ---- attention (csrc/cpu/attention.cpp) ----
+  // q (B,Hq,Lq,D), k/v (B,Hk,Lk,D), unit stride in the last dim; see dlcore/ops/attention.py.
+  m.def(
+      "attention_fwd_kernel(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
+      "float scale, int diag_offset, int window_left, int window_right, float softcap, "
+      "float dropout_p, int seed, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def(
+      "attention_bwd_kernel(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? bias, Tensor? alibi_slopes, float scale, int diag_offset, int window_left, "
+      "int window_right, float softcap, float dropout_p, int seed, bool deterministic, "
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+
+  // ---- selective scan (csrc/cpu/scan.cpp, csrc/cuda/scan.cu) ----
+  // u/delta/z/out (batch,dim,L); see dlcore/ops/scan.py for the full contract.
+  m.def(
+      "selective_scan_fwd_kernel(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor? cu_seqlens, "
+      "bool delta_softplus, int chunk_size, Tensor(a!) out, Tensor(b!) last_state, "
+      "Tensor(c!) chunk_states) -> ()");
+  m.def(
+      "selective_scan_bwd_kernel(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
+      "Tensor? cu_seqlens, bool delta_softplus, int chunk_size, Tensor chunk_states, "
+      "Tensor? dlast_state, bool deterministic, Tensor(a!) du, Tensor(b!) ddelta, "
+      "Tensor(c!) dA, Tensor(d!) dB, Tensor(e!) dC, Tensor(f!)? dD, Tensor(g!)? dz, "
+      "Tensor(h!)? ddelta_bias, Tensor(i!)? dinitial_state) -> ()");
+  m.def(
+      "selective_state_update_kernel(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor(b!) out) -> ()");
+
+  // ---- lora (csrc/cpu/lora.cpp) ----
 }
 
 // `import dlcore._C` loads this library and so runs the registrations above; it exposes no
