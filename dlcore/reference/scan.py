@@ -51,16 +51,100 @@ def _scan_loop(
     B: torch.Tensor,
     C: torch.Tensor,
     h: torch.Tensor,
+    chunk_size: int = 0,
+    offset: int = 0,
+    chunk_states: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (batch, dim, L) and the final state; B, C as (batch|1, dim, N, L|1), delta discretised."""
+    """y (batch, dim, L) and the final state; B, C as (batch|1, dim, N, L|1), delta discretised.
+    With ``chunk_size``, appends to ``chunk_states`` the state before every step whose packed
+    position (``offset`` + t) is a multiple of ``chunk_size``."""
     ys = []
     for t in range(u.shape[-1]):
+        if chunk_size and (offset + t) % chunk_size == 0:
+            chunk_states.append(h)
         bt = B[..., t if B.shape[-1] > 1 else 0]
         ct = C[..., t if C.shape[-1] > 1 else 0]
         dt = delta[:, :, t, None]
         h = torch.exp(dt * A) * h + dt * bt * u[:, :, t, None]
         ys.append((h * ct).sum(-1))
-    return torch.stack(ys, dim=-1), h
+    return (torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)), h
+
+
+def selective_scan_chunked_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out, last_state, chunk_states): the kernel contract's three outputs. ``chunk_states``
+    (batch, dim, ceil(L / chunk_size), N) holds the state before the first step of every chunk
+    of ``chunk_size`` packed positions (at a sequence start: that sequence's initial state), or
+    is None when ``chunk_size`` is 0."""
+    if A.is_complex():
+        raise ValueError("complex A is not supported by dlcore's selective scan")
+    wdtype = _promote_all(
+        [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
+    )
+    batch, dim, length = u.shape
+    uw = u.to(wdtype)
+    dw = delta.to(wdtype)
+    if delta_bias is not None:
+        dw = dw + delta_bias.to(wdtype)[:, None]
+    if delta_softplus:
+        dw = F.softplus(dw)
+    Aw = A.to(wdtype)
+    Bw = _per_channel(B, batch, dim, wdtype)
+    Cw = _per_channel(C, batch, dim, wdtype)
+    n = A.shape[-1]
+    states: list[torch.Tensor] = []
+
+    if cu_seqlens is None:
+        h0 = (
+            initial_state.to(wdtype)
+            if initial_state is not None
+            else torch.zeros(batch, dim, n, dtype=wdtype, device=u.device)
+        )
+        y, last = _scan_loop(uw, dw, Aw, Bw, Cw, h0, chunk_size, 0, states)
+    else:
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        ys, lasts = [], []
+        for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            h0 = (
+                initial_state[s : s + 1].to(wdtype)
+                if initial_state is not None
+                else torch.zeros(1, dim, n, dtype=wdtype, device=u.device)
+            )
+            sl = slice(start, end)
+            ys_s, last_s = _scan_loop(
+                uw[..., sl],
+                dw[..., sl],
+                Aw,
+                Bw if Bw.shape[-1] == 1 else Bw[..., sl],
+                Cw if Cw.shape[-1] == 1 else Cw[..., sl],
+                h0,
+                chunk_size,
+                start,
+                states,
+            )
+            ys.append(ys_s)
+            lasts.append(last_s)
+        y = torch.cat(ys, dim=-1)
+        last = torch.cat(lasts, dim=0)
+
+    if D is not None:
+        y = y + D.to(wdtype)[:, None] * uw
+    if z is not None:
+        y = y * F.silu(z.to(wdtype))
+    chunk_states = torch.stack(states, dim=2) if chunk_size else None
+    return y.to(u.dtype), last, chunk_states
 
 
 def selective_scan_reference(
@@ -79,58 +163,9 @@ def selective_scan_reference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``mamba_ssm.selective_scan_fn`` semantics plus initial_state and cu_seqlens (see module
     docstring). Returns out (u's dtype) and, when asked, the last state (compute dtype)."""
-    if A.is_complex():
-        raise ValueError("complex A is not supported by dlcore's selective scan")
-    wdtype = _promote_all(
-        [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
+    out, last, _ = selective_scan_chunked_reference(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens
     )
-    batch, dim, length = u.shape
-    uw = u.to(wdtype)
-    dw = delta.to(wdtype)
-    if delta_bias is not None:
-        dw = dw + delta_bias.to(wdtype)[:, None]
-    if delta_softplus:
-        dw = F.softplus(dw)
-    Aw = A.to(wdtype)
-    Bw = _per_channel(B, batch, dim, wdtype)
-    Cw = _per_channel(C, batch, dim, wdtype)
-    n = A.shape[-1]
-
-    if cu_seqlens is None:
-        h0 = (
-            initial_state.to(wdtype)
-            if initial_state is not None
-            else torch.zeros(batch, dim, n, dtype=wdtype, device=u.device)
-        )
-        y, last = _scan_loop(uw, dw, Aw, Bw, Cw, h0)
-    else:
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-        ys, lasts = [], []
-        for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            h0 = (
-                initial_state[s : s + 1].to(wdtype)
-                if initial_state is not None
-                else torch.zeros(1, dim, n, dtype=wdtype, device=u.device)
-            )
-            sl = slice(start, end)
-            ys_s, last_s = _scan_loop(
-                uw[..., sl],
-                dw[..., sl],
-                Aw,
-                Bw if Bw.shape[-1] == 1 else Bw[..., sl],
-                Cw if Cw.shape[-1] == 1 else Cw[..., sl],
-                h0,
-            )
-            ys.append(ys_s)
-            lasts.append(last_s)
-        y = torch.cat(ys, dim=-1) if ys else uw.new_zeros(batch, dim, 0)
-        last = torch.cat(lasts, dim=0)
-
-    if D is not None:
-        y = y + D.to(wdtype)[:, None] * uw
-    if z is not None:
-        y = y * F.silu(z.to(wdtype))
-    out = y.to(u.dtype)
     return (out, last) if return_last_state else out
 
 
