@@ -7,6 +7,21 @@
 
 TORCH_LIBRARY(dlcore, m) {
   // ---- sampler (csrc/cpu/sampler.cpp, csrc/cuda/sampler.cu) ----
+  // Rows: every tensor is (batch, n) with unit inner stride (any batch stride); alphas, cfg_factor,
+  // threshold and noise_mask are float32 (batch,). See dlcore/ops/sampler.py for the contract.
+  m.def(
+      "sampler_step_kernel(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? noise, "
+      "Tensor? variance_pred, Tensor alpha_t, Tensor alpha_prev, Tensor? cfg_factor, "
+      "Tensor? threshold, Tensor? noise_mask, int method, int prediction_type, int variance_type, "
+      "int clip_mode, float clip_range, float eta, bool use_clipped_model_output, "
+      "float guidance_scale, int seed, int noise_mode, bool abs_x0_only, "
+      "Tensor(a!) prev_sample, Tensor(b!) pred_original_sample) -> ()");
+  m.def(
+      "sampler_cfg_stats_kernel(Tensor cond, Tensor uncond, float guidance_scale, "
+      "Tensor(a!) partial) -> ()");
+  m.def(
+      "sampler_quantile_kernel(Tensor(a!) scratch, float ratio, float min_value, "
+      "float max_value, Tensor(b!) out) -> ()");
 
   // ---- attention (csrc/cpu/attention.cpp) ----
   // q (B,Hq,Lq,D), k/v (B,Hk,Lk,D), unit stride in the last dim; see dlcore/ops/attention.py.

@@ -2,11 +2,14 @@
 
 from . import _ext  # noqa: F401  (loads the C++/CUDA kernel libraries when built)
 from .backends import BACKENDS, backend, backends
+from .ops.sampler import ddim_inversion_step, ddim_step, ddpm_step
 from .ops.scan import selective_scan, selective_state_update
 from .patch import PatchReport, patch, unpatch
+from .schedulers import DDIMScheduler, DDPMScheduler
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "backend", "backends"]
 __all__ += ["selective_scan", "selective_state_update"]
 __all__ += ["PatchReport", "patch", "unpatch"]
+__all__ += ["ddim_inversion_step", "ddim_step", "ddpm_step", "DDIMScheduler", "DDPMScheduler"]
