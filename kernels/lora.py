@@ -23,6 +23,8 @@ Dropout: element (i, k) of the (tokens, in) input is kept iff ``tl.randint(seed,
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,18 @@ MODE_SINGLE, MODE_SEGMENTED, MODE_GATHER = 0, 1, 2
 R_IN_LOOP_MAX = 64  # larger ranks use the fp32 (tokens, r) buffer: registers stay spill-free
 BK = 32
 R_CHUNK = 64  # rank chunk of the epilogue when T comes from the buffer
+
+
+# Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage of order 1e10, triton 3.9);
+# there the bf16 operands go through fp32, which holds their products exactly.
+_INTERPRET_BF16_DOT_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    if _INTERPRET_BF16_DOT_FIX and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -100,7 +114,7 @@ def lora_fused_mm_kernel(
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = _dot(x, w, acc, PREC)
         if T_IN_LOOP:
             p = tl.load(
                 p_base + ks[:, None] * spk + offs_r[None, :] * spr,
@@ -110,7 +124,7 @@ def lora_fused_mm_kernel(
             if drop_in:
                 keep = _keep(seed, rows, ks, K, drop_thr)
                 x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
-            t = tl.dot(x, p, t, input_precision=PREC)
+            t = _dot(x, p, t, PREC)
 
     lora = tl.zeros((BM, BN), dtype=tl.float32)
     if MODE == 2:
@@ -136,7 +150,7 @@ def lora_fused_mm_kernel(
             mask=r_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        lora = tl.dot((t * scale).to(dtype), q, lora, input_precision=PREC)
+        lora = _dot((t * scale).to(dtype), q, lora, PREC)
     else:
         for r0 in range(0, R, R_CHUNK):
             rs = r0 + tl.arange(0, R_CHUNK)
@@ -151,7 +165,7 @@ def lora_fused_mm_kernel(
                 mask=rs_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            lora = tl.dot((tc * scale).to(dtype), q, lora, input_precision=PREC)
+            lora = _dot((tc * scale).to(dtype), q, lora, PREC)
     if drop_out:
         keep = _keep(seed, rows, cols, N, drop_thr)
         lora = tl.where(keep, lora * inv_keep, 0.0)
@@ -212,7 +226,7 @@ def lora_shrink_kernel(
             if drop_in:
                 keep = _keep(seed, rows, ks, K, drop_thr)
                 x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
-            t = tl.dot(x, p, t, input_precision=PREC)
+            t = _dot(x, p, t, PREC)
     if GATHER:
         t = tl.where(a >= 0, t, 0.0)
         tl.store(t_ptr + pid_m.to(tl.int64) * R + rs, t, mask=r_ok)
@@ -260,7 +274,7 @@ def lora_matmul_tn_kernel(
         if drop_r:
             keep = _keep(seed, rows, qs, Q, drop_thr)
             rt = tl.where(keep, rt.to(tl.float32) * inv_keep, 0.0)
-        acc = tl.dot(tl.trans(lt.to(dtype)), rt.to(dtype), acc, input_precision=PREC)
+        acc = _dot(tl.trans(lt.to(dtype)), rt.to(dtype), acc, PREC)
     tl.store(
         c_ptr + ps[:, None] * scp + qs[None, :] * scq,
         (acc * scaling).to(dtype),
