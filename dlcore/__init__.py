@@ -1,3 +1,4 @@
+"""dlcore: fused attention, diffusion sampler step, Mamba selective scan and LoRA kernels."""
 
 from . import _ext  # noqa: F401  (loads the C++/CUDA kernel libraries when built)
 from .backends import BACKENDS, backend, backends
