@@ -1,0 +1,817 @@
+// CPU selective scan kernels: dlcore::selective_scan_fwd_kernel, selective_scan_bwd_kernel and
+// selective_state_update_kernel (schemas in csrc/dlcore.cpp, contract in dlcore/ops/scan.py).
+//
+// A row is one (batch, channel) pair; its state is N values, updated step by step with the N
+// loop vectorised (GCC clones for AVX2/AVX-512, fast_expf). The time axis is cut in chunks of
+// chunk_size steps; per chunk the discretised step (softplus, delta * u) is computed in a
+// vectorised pre-pass and the D skip and SiLU gate in a post-pass, so nothing of size
+// (batch, dim, L, N) is ever materialised. Rows are spread over threads; when there are fewer
+// rows than threads the forward runs a chunked two-pass scan (local chunk scans in parallel,
+// a short sequential pass carrying states across chunks, then the outputs in parallel).
+// The backward walks each row's chunks in reverse, recomputing the chunk's states from the
+// saved chunk_states, and reduces gradients shared between rows (A, D, delta_bias, B, C) from
+// per-task partial buffers in a fixed order, so it is deterministic for a given thread count
+// (and across thread counts when `deterministic` is set). Computation is in float for
+// fp32/fp16/bf16 inputs and in double for fp64 inputs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace dlcore::cpu::scan {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+constexpr int64_t kMaxState = 256;
+
+// ---------------------------------------------------------------- elementwise math
+
+template <typename T>
+inline T exp_(T x);
+template <>
+inline float exp_(float x) {
+  return fast_expf(x);
+}
+template <>
+inline double exp_(double x) {
+  return std::exp(x);
+}
+
+// log(1 + w) for w in [0, 1] without libm: log of 1 + w by the atanh series, corrected for the
+// rounding of 1 + w (Goldberg's trick) so small w keep full relative accuracy.
+inline float log1p_unit(float w) {
+  const float v = 1.0f + w;
+  const bool big = v > 1.41421356f;
+  const float m = big ? v * 0.5f : v;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  const float logv = 2.0f * s * p + (big ? 0.69314718056f : 0.0f);
+  const float d = v - 1.0f;
+  return d == 0.0f ? w : logv * (w / d);
+}
+
+// torch.nn.functional.softplus with its threshold of 20 (as mamba_ssm): x above 20 passes.
+template <typename T>
+inline T softplus_(T x);
+template <>
+inline float softplus_(float x) {
+  const float r = std::fmax(x, 0.0f) + log1p_unit(fast_expf(-std::fabs(x)));
+  return x > 20.0f ? x : r;
+}
+template <>
+inline double softplus_(double x) {
+  return x > 20.0 ? x : std::log1p(std::exp(x));
+}
+
+template <typename T>
+inline T sigmoid_(T x) {
+  return T(1) / (T(1) + exp_<T>(-x));
+}
+
+// ---------------------------------------------------------------- per-chunk loops
+
+// dt[i] = softplus?(delta[i] + bias), du[i] = dt[i] * u[i]; dsp[i] = d dt / d delta (if given).
+template <typename T>
+__attribute__((always_inline)) inline void prep_impl(int64_t n, const T* delta, const T* u,
+                                                     T bias, bool softplus, T* dt, T* du,
+                                                     T* dsp) {
+  if (softplus) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T x = delta[i] + bias;
+      dt[i] = softplus_<T>(x);
+      du[i] = dt[i] * u[i];
+    }
+    if (dsp) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const T x = delta[i] + bias;
+        dsp[i] = x > T(20) ? T(1) : sigmoid_<T>(x);
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      dt[i] = delta[i] + bias;
+      du[i] = dt[i] * u[i];
+      if (dsp) dsp[i] = T(1);
+    }
+  }
+}
+
+// Steps [0, steps) of one row from state h (N values, updated in place). B and C point at the
+// first step; they advance by b_step / c_step per step (N for (L, N) rows, 0 for constant ones).
+// Writes y[i] = <C_i, h_i> when WithY and the states after each step to H[(i + 1) * N] when
+// WithH.
+template <typename T, bool WithY, bool WithH>
+__attribute__((always_inline)) inline void steps_impl(int64_t steps, int64_t N, const T* dt,
+                                                      const T* du, const T* A, const T* B,
+                                                      int64_t b_step, const T* C, int64_t c_step,
+                                                      T* h, T* y, T* H) {
+  for (int64_t i = 0; i < steps; ++i) {
+    const T d = dt[i], x = du[i];
+    const T* b = B + i * b_step;
+    const T* c = C + i * c_step;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      const T hn = exp_<T>(d * A[n]) * h[n] + x * b[n];
+      h[n] = hn;
+      if constexpr (WithY) acc += hn * c[n];
+      if constexpr (WithH) H[(i + 1) * N + n] = hn;
+    }
+    if constexpr (WithY) y[i] = acc;
+  }
+}
+
+// out[i] = (y[i] + D u[i]) * silu(z[i]) (z optional).
+template <typename T>
+__attribute__((always_inline)) inline void post_impl(int64_t n, const T* y, const T* u, T D,
+                                                     const T* z, T* out) {
+  if (z) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = (y[i] + D * u[i]) * (z[i] * sigmoid_<T>(z[i]));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = y[i] + D * u[i];
+  }
+}
+
+// Reverse steps [steps-1 .. 0] of one row. H holds the states after each step at (i + 1) * N;
+// the state before step 0 is h0. dh carries d loss / d h_i between steps (in: after the last
+// step; out: before step 0). Accumulates dA (N), dB, dC (per step rows, or N values when the
+// step is 0), dD; writes du, dz and ddt (d loss / d dt) per step.
+template <typename T>
+__attribute__((always_inline)) inline void bwd_steps_impl(
+    int64_t steps, int64_t N, const T* dout, const T* u, const T* z, const T* dt, const T* du,
+    const T* A, const T* B, int64_t b_step, const T* C, int64_t c_step, T D, bool has_D,
+    const T* H, const T* h0, T* dh, T* dA, T* dB, int64_t db_step, T* dC, int64_t dc_step,
+    T* dD, T* du_out, T* dz_out, T* ddt) {
+  T dD_acc = 0;
+  for (int64_t i = steps - 1; i >= 0; --i) {
+    const T* h = H + (i + 1) * N;
+    const T* hp = i == 0 ? h0 : H + i * N;
+    const T* b = B + i * b_step;
+    const T* c = C + i * c_step;
+    T g = dout[i];
+    if (z) {
+      T y = has_D ? D * u[i] : T(0);
+#pragma omp simd reduction(+ : y)
+      for (int64_t n = 0; n < N; ++n) y += c[n] * h[n];
+      const T s = sigmoid_<T>(z[i]);
+      dz_out[i] = g * y * s * (T(1) + z[i] * (T(1) - s));
+      g = g * z[i] * s;
+    }
+    dD_acc += g * u[i];
+    const T d = dt[i], x = du[i];
+    T* dbr = dB + i * db_step;
+    T* dcr = dC + i * dc_step;
+    T sum_b = 0, sum_dt = 0;
+#pragma omp simd reduction(+ : sum_b, sum_dt)
+    for (int64_t n = 0; n < N; ++n) {
+      const T a = exp_<T>(d * A[n]);
+      const T gh = dh[n] + g * c[n];
+      dcr[n] += g * h[n];
+      dbr[n] += gh * x;
+      sum_b += gh * b[n];
+      const T ahp = a * hp[n];
+      sum_dt += gh * (A[n] * ahp + u[i] * b[n]);
+      dA[n] += gh * d * ahp;
+      dh[n] = a * gh;
+    }
+    du_out[i] = (has_D ? g * D : T(0)) + d * sum_b;
+    ddt[i] = sum_dt;
+  }
+  *dD += dD_acc;
+}
+
+// Multiversioned entry points (the clones inline the templates above for each ISA); double
+// keeps the default build.
+#define DLCORE_SCAN_KERNELS(T, ATTR)                                                           \
+  ATTR void prep(int64_t n, const T* delta, const T* u, T bias, bool sp, T* dt, T* du,       \
+                 T* dsp) {                                                                     \
+    prep_impl<T>(n, delta, u, bias, sp, dt, du, dsp);                                          \
+  }                                                                                            \
+  ATTR void steps_y(int64_t s, int64_t N, const T* dt, const T* du, const T* A, const T* B,  \
+                    int64_t bs, const T* C, int64_t cs, T* h, T* y) {                         \
+    steps_impl<T, true, false>(s, N, dt, du, A, B, bs, C, cs, h, y, nullptr);                 \
+  }                                                                                            \
+  ATTR void steps_state(int64_t s, int64_t N, const T* dt, const T* du, const T* A,          \
+                        const T* B, int64_t bs, T* h) {                                        \
+    steps_impl<T, false, false>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, nullptr);           \
+  }                                                                                            \
+  ATTR void steps_record(int64_t s, int64_t N, const T* dt, const T* du, const T* A,         \
+                         const T* B, int64_t bs, T* h, T* H) {                                 \
+    steps_impl<T, false, true>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, H);                  \
+  }                                                                                            \
+  ATTR void post(int64_t n, const T* y, const T* u, T D, const T* z, T* out) {               \
+    post_impl<T>(n, y, u, D, z, out);                                                          \
+  }                                                                                            \
+  ATTR void bwd_steps(int64_t s, int64_t N, const T* dout, const T* u, const T* z,           \
+                      const T* dt, const T* du, const T* A, const T* B, int64_t bs,            \
+                      const T* C, int64_t cs, T D, bool hasD, const T* H, const T* h0, T* dh, \
+                      T* dA, T* dB, int64_t dbs, T* dC, int64_t dcs, T* dD, T* duo, T* dzo,    \
+                      T* ddt) {                                                                \
+    bwd_steps_impl<T>(s, N, dout, u, z, dt, du, A, B, bs, C, cs, D, hasD, H, h0, dh, dA, dB,   \
+                      dbs, dC, dcs, dD, duo, dzo, ddt);                                        \
+  }
+
+DLCORE_SCAN_KERNELS(float, DLCORE_MULTIVERSION)
+DLCORE_SCAN_KERNELS(double, )
+#undef DLCORE_SCAN_KERNELS
+
+// ---------------------------------------------------------------- problem description
+
+template <typename T>
+struct Problem {
+  // GB, GC: groups of B and C (1 when constant); GF = lcm(GB, GC): the finest channel groups,
+  // inside which every channel shares its B row and its C row.
+  int64_t batch, dim, L, N, GB, GC, GF, chunk, nchunks;
+  bool softplus;
+  const T *u, *delta, *z, *A, *B, *C, *D, *bias, *init;
+  bool b_var, c_var;  // B/C are (batch, G, L, N) after the transpose, else (dim, N)
+  std::vector<int64_t> starts, ends;  // per sequence; one sequence [0, L) without cu_seqlens
+  bool packed;
+
+  // Pointers to B/C for row (b, d) at step t, and their per-step advance.
+  const T* bc(const T* M, bool var, int64_t G, int64_t b, int64_t d, int64_t t) const {
+    return var ? M + ((b * G + d / (dim / G)) * L + t) * N : M + d * N;
+  }
+  const T* bptr(int64_t b, int64_t d, int64_t t) const { return bc(B, b_var, GB, b, d, t); }
+  const T* cptr(int64_t b, int64_t d, int64_t t) const { return bc(C, c_var, GC, b, d, t); }
+  int64_t bc_step(bool var) const { return var ? N : 0; }
+  // Initial-state row of sequence s of batch row b (nullptr: zeros).
+  const T* init_row(int64_t b, int64_t s, int64_t d) const {
+    if (!init) return nullptr;
+    return init + ((packed ? s : b) * dim + d) * N;
+  }
+  int64_t state_row(int64_t b, int64_t s) const { return packed ? s : b; }
+};
+
+// The non-empty pieces of chunk c: (sequence, first step, end step), in order.
+struct Piece {
+  int64_t s, a, b;
+};
+template <typename T>
+void chunk_pieces(const Problem<T>& p, int64_t c, std::vector<Piece>& out) {
+  out.clear();
+  const int64_t t0 = c * p.chunk, t1 = std::min(p.L, t0 + p.chunk);
+  const auto first = std::upper_bound(p.ends.begin(), p.ends.end(), t0) - p.ends.begin();
+  for (int64_t s = first; s < (int64_t)p.starts.size() && p.starts[s] < t1; ++s) {
+    const int64_t a = std::max(p.starts[s], t0), b = std::min(p.ends[s], t1);
+    if (a < b) out.push_back({s, a, b});
+  }
+}
+
+template <typename T>
+void set_state(T* h, const T* src, int64_t N) {
+  if (src)
+    std::copy(src, src + N, h);
+  else
+    std::fill(h, h + N, T(0));
+}
+
+// Per-task scratch for one chunk.
+template <typename T>
+struct Scratch {
+  std::vector<T> dt, du, dsp, y, H, dh, ddt, cur;
+  Scratch(int64_t chunk, int64_t N, bool states)
+      : dt(chunk), du(chunk), dsp(chunk), y(chunk), dh(N), ddt(chunk), cur(N) {
+    if (states) H.resize((chunk + 1) * N);
+  }
+};
+
+// Forward over chunk c of row (b, d) starting from state h; writes out (compute dtype, whole
+// row (L) pointer), last states of sequences ending in the chunk, and, when store_chunk, the
+// chunk's start state.
+template <typename T>
+void fwd_chunk(const Problem<T>& p, int64_t b, int64_t d, int64_t c, T* h, Scratch<T>& w,
+               std::vector<Piece>& pieces, T* out_row, T* last, T* chunk_states,
+               bool store_chunk) {
+  const int64_t N = p.N, row = b * p.dim + d, t0 = c * p.chunk;
+  chunk_pieces(p, c, pieces);
+  for (const Piece& q : pieces) {
+    if (q.a == p.starts[q.s] && (q.a > t0 || store_chunk)) set_state(h, p.init_row(b, q.s, d), N);
+    if (q.a == t0 && store_chunk) std::copy(h, h + N, chunk_states + (row * p.nchunks + c) * N);
+    const int64_t n = q.b - q.a, off = row * p.L + q.a;
+    prep(n, p.delta + off, p.u + off, p.bias ? p.bias[d] : T(0), p.softplus, w.dt.data(),
+         w.du.data(), (T*)nullptr);
+    steps_y(n, N, w.dt.data(), w.du.data(), p.A + d * N, p.bptr(b, d, q.a),
+            p.bc_step(p.b_var), p.cptr(b, d, q.a), p.bc_step(p.c_var), h,
+            w.y.data());
+    post(n, w.y.data(), p.u + off, p.D ? p.D[d] : T(0), p.z ? p.z + off : nullptr,
+         out_row + q.a);
+    if (q.b == p.ends[q.s]) std::copy(h, h + N, last + (p.state_row(b, q.s) * p.dim + d) * N);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+void forward(const Problem<T>& p, T* out, T* last, T* chunk_states) {
+  const int64_t rows = p.batch * p.dim, N = p.N;
+  // Empty sequences: their last state is their initial state.
+  for (int64_t s = 0; s < (int64_t)p.starts.size(); ++s) {
+    if (p.starts[s] != p.ends[s]) continue;
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t d = 0; d < p.dim; ++d)
+        set_state(last + (p.state_row(b, s) * p.dim + d) * N, p.init_row(b, s, d), N);
+  }
+  const int64_t threads = at::get_num_threads();
+  if (rows >= 2 * threads || p.nchunks < 2) {
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      Scratch<T> w(p.chunk, N, false);
+      std::vector<Piece> pieces;
+      std::vector<T> h(N);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / p.dim, d = r % p.dim;
+        for (int64_t c = 0; c < p.nchunks; ++c)
+          fwd_chunk(p, b, d, c, h.data(), w, pieces, out + r * p.L, last, chunk_states, true);
+      }
+    });
+    return;
+  }
+  // Few rows, long sequences: chunks in parallel. Pass 1: each chunk's end state from a zero
+  // start (S) and its decay exp(A * sum dt) (P, zero when a sequence starts inside the chunk).
+  const int64_t tasks = rows * p.nchunks;
+  std::vector<T> S(tasks * N), P(tasks * N);
+  at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+    Scratch<T> w(p.chunk, N, false);
+    std::vector<Piece> pieces;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r = k / p.nchunks, c = k % p.nchunks, b = r / p.dim, d = r % p.dim;
+      const int64_t t0 = c * p.chunk;
+      T* h = S.data() + k * N;
+      std::fill(h, h + N, T(0));
+      T dt_sum = 0;
+      bool restarted = false;
+      chunk_pieces(p, c, pieces);
+      for (const Piece& q : pieces) {
+        if (q.a == p.starts[q.s] && q.a > t0) {
+          set_state(h, p.init_row(b, q.s, d), N);
+          restarted = true;
+        }
+        const int64_t n = q.b - q.a, off = r * p.L + q.a;
+        prep(n, p.delta + off, p.u + off, p.bias ? p.bias[d] : T(0), p.softplus, w.dt.data(),
+             w.du.data(), (T*)nullptr);
+        for (int64_t i = 0; i < n; ++i) dt_sum += w.dt[i];
+        steps_state(n, N, w.dt.data(), w.du.data(), p.A + d * N,
+                    p.bptr(b, d, q.a), p.bc_step(p.b_var), h);
+      }
+      for (int64_t j = 0; j < N; ++j)
+        P[k * N + j] = restarted ? T(0) : exp_<T>(p.A[d * N + j] * dt_sum);
+    }
+  });
+  // Pass 2: carry the states across chunks (sequence starts at a chunk start reset it).
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> h(N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / p.dim, d = r % p.dim;
+      std::fill(h.begin(), h.end(), T(0));
+      for (int64_t c = 0; c < p.nchunks; ++c) {
+        const int64_t t0 = c * p.chunk;
+        const auto s = std::lower_bound(p.starts.begin(), p.starts.end(), t0) - p.starts.begin();
+        // The last sequence starting at t0 is the non-empty one.
+        int64_t hit = -1;
+        for (int64_t j = s; j < (int64_t)p.starts.size() && p.starts[j] == t0; ++j) hit = j;
+        if (hit >= 0) set_state(h.data(), p.init_row(b, hit, d), N);
+        std::copy(h.begin(), h.end(), chunk_states + (r * p.nchunks + c) * N);
+        const int64_t k = r * p.nchunks + c;
+        for (int64_t j = 0; j < N; ++j) h[j] = P[k * N + j] * h[j] + S[k * N + j];
+      }
+    }
+  });
+  // Pass 3: outputs and last states, chunks in parallel from their start states.
+  at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+    Scratch<T> w(p.chunk, N, false);
+    std::vector<Piece> pieces;
+    std::vector<T> h(N);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r = k / p.nchunks, c = k % p.nchunks, b = r / p.dim, d = r % p.dim;
+      std::copy_n(chunk_states + k * N, N, h.data());
+      fwd_chunk(p, b, d, c, h.data(), w, pieces, out + r * p.L, last, chunk_states, false);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct Grads {
+  const T *dout, *dlast, *chunk_states;
+  T *du, *ddelta, *dz, *dinit;
+  // Per-task partials reduced afterwards in a fixed order.
+  T *dA_part, *dD_part, *dbias_part;  // (batch, dim, N), (batch, dim), (batch, dim)
+  T *dB_part, *dC_part;  // variable: (batch, G, nblk, L, N); constant: (batch, dim, N)
+  int64_t nblk;
+};
+
+template <typename T>
+void backward_row(const Problem<T>& p, const Grads<T>& g, int64_t b, int64_t d, int64_t blk,
+                  Scratch<T>& w, std::vector<Piece>& pieces) {
+  const int64_t N = p.N, row = b * p.dim + d, gi = d / (p.dim / p.GF);
+  T* dA = g.dA_part + row * N;
+  T* dD = g.dD_part + row;
+  T dbias = 0;
+  // Partial rows for B/C: variable ones are (L, N) slabs of this task's block.
+  auto part = [&](T* base, bool var) {
+    return var ? base + ((b * p.GF + gi) * g.nblk + blk) * p.L * N : base + row * N;
+  };
+  T* dBp = part(g.dB_part, p.b_var);
+  T* dCp = part(g.dC_part, p.c_var);
+  T* dh = w.dh.data();
+  std::fill(dh, dh + N, T(0));
+  for (int64_t c = p.nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * p.chunk;
+    chunk_pieces(p, c, pieces);
+    // Recompute the chunk's states: H[(t - t0 + 1) * N] after step t, H[0] before t0.
+    T* H = w.H.data();
+    std::copy_n(g.chunk_states + (row * p.nchunks + c) * N, N, H);
+    for (const Piece& q : pieces) {
+      // The running state restarts at a sequence start inside the chunk; H keeps the state
+      // after the previous piece, which the reverse pass still needs.
+      if (q.a > t0)
+        set_state(w.cur.data(), p.init_row(b, q.s, d), N);
+      else
+        std::copy_n(H, N, w.cur.data());
+      const int64_t n = q.b - q.a, off = row * p.L + q.a;
+      prep(n, p.delta + off, p.u + off, p.bias ? p.bias[d] : T(0), p.softplus, w.dt.data(),
+           w.du.data(), (T*)nullptr);
+      steps_record(n, N, w.dt.data(), w.du.data(), p.A + d * N, p.bptr(b, d, q.a),
+                   p.bc_step(p.b_var), w.cur.data(), H + (q.a - t0) * N);
+    }
+    for (int64_t qi = (int64_t)pieces.size() - 1; qi >= 0; --qi) {
+      const Piece& q = pieces[qi];
+      if (q.b == p.ends[q.s])  // entering a sequence from its end: d loss / d last state
+        set_state(dh, g.dlast ? g.dlast + (p.state_row(b, q.s) * p.dim + d) * N : nullptr, N);
+      const int64_t n = q.b - q.a, off = row * p.L + q.a;
+      prep(n, p.delta + off, p.u + off, p.bias ? p.bias[d] : T(0), p.softplus, w.dt.data(),
+           w.du.data(), w.dsp.data());
+      const T* h0 = H + (q.a - t0) * N;
+      if (q.a > t0) {  // the state before a sequence start is that sequence's initial state
+        set_state(w.cur.data(), p.init_row(b, q.s, d), N);
+        h0 = w.cur.data();
+      }
+      const int64_t bstep = p.bc_step(p.b_var), cstep = p.bc_step(p.c_var);
+      bwd_steps(n, N, g.dout + off, p.u + off, p.z ? p.z + off : nullptr, w.dt.data(),
+                w.du.data(), p.A + d * N, p.bptr(b, d, q.a), bstep,
+                p.cptr(b, d, q.a), cstep, p.D ? p.D[d] : T(0), p.D != nullptr,
+                H + (q.a - t0) * N, h0, dh, dA, dBp + (p.b_var ? q.a * N : 0), bstep,
+                dCp + (p.c_var ? q.a * N : 0), cstep, dD, g.du + off,
+                g.dz ? g.dz + off : nullptr, w.ddt.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = w.ddt[i] * w.dsp[i];
+        g.ddelta[off + i] = v;
+        dbias += v;
+      }
+      if (q.a == p.starts[q.s] && g.dinit)
+        std::copy(dh, dh + N, g.dinit + (p.state_row(b, q.s) * p.dim + d) * N);
+    }
+  }
+  g.dbias_part[row] = dbias;
+}
+
+
+// Channels of a group are split in blocks, each its own task with its own B/C partials. A fixed
+// count (deterministic) makes the reduction order independent of the thread count.
+int64_t block_count(int64_t batch, int64_t dim, int64_t G, bool deterministic) {
+  const int64_t tasks = batch * G, threads = at::get_num_threads();
+  const int64_t want = deterministic ? 16 : (2 * threads + tasks - 1) / tasks;
+  return std::max<int64_t>(1, std::min<int64_t>({dim / G, want, 64}));
+}
+
+template <typename T>
+void backward(const Problem<T>& p, const Grads<T>& g, T* dA, T* dB, T* dC, T* dD, T* dbias) {
+  const int64_t N = p.N, cpg = p.dim / p.GF;
+  const int64_t tasks = p.batch * p.GF * g.nblk;
+  at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+    Scratch<T> w(p.chunk, N, true);
+    std::vector<Piece> pieces;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t blk = k % g.nblk, gi = (k / g.nblk) % p.GF, b = k / (g.nblk * p.GF);
+      const int64_t d0 = gi * cpg + blk * cpg / g.nblk, d1 = gi * cpg + (blk + 1) * cpg / g.nblk;
+      for (int64_t d = d0; d < d1; ++d) backward_row(p, g, b, d, blk, w, pieces);
+    }
+  });
+  // Fixed-order reductions of the per-task partials.
+  at::parallel_for(0, p.dim, 16, [&](int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; ++d) {
+      T sD = 0, sb = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        T sA = 0, sB = 0, sC = 0;
+        for (int64_t b = 0; b < p.batch; ++b) {
+          const int64_t i = (b * p.dim + d) * N + n;
+          sA += g.dA_part[i];
+          if (!p.b_var) sB += g.dB_part[i];
+          if (!p.c_var) sC += g.dC_part[i];
+        }
+        dA[d * N + n] = sA;
+        if (!p.b_var) dB[d * N + n] = sB;
+        if (!p.c_var) dC[d * N + n] = sC;
+      }
+      for (int64_t b = 0; b < p.batch; ++b) {
+        sD += g.dD_part[b * p.dim + d];
+        sb += g.dbias_part[b * p.dim + d];
+      }
+      if (dD) dD[d] = sD;
+      if (dbias) dbias[d] = sb;
+    }
+  });
+  auto reduce_var = [&](const T* part, T* dst, int64_t G) {
+    // part (batch, GF, nblk, L, N) -> dst (batch, G, N, L): group g owns GF / G fine groups.
+    const int64_t slabs = p.GF / G * g.nblk;
+    at::parallel_for(0, p.batch * G * N, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i % N, bg = i / N;
+        T* o = dst + i * p.L;
+        const T* src = part + bg * slabs * p.L * N + n;
+        for (int64_t t = 0; t < p.L; ++t) o[t] = src[t * N];
+        for (int64_t j = 1; j < slabs; ++j) {
+          const T* sj = src + j * p.L * N;
+          for (int64_t t = 0; t < p.L; ++t) o[t] += sj[t * N];
+        }
+      }
+    });
+  };
+  if (p.b_var) reduce_var(g.dB_part, dB, p.GB);
+  if (p.c_var) reduce_var(g.dC_part, dC, p.GC);
+}
+
+// ---------------------------------------------------------------- torch glue
+
+void check_row(const char* name, const Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// Everything the kernels read, converted to the compute dtype and laid out as they expect:
+// (batch, dim, L) rows and B/C transposed to (batch, G, L, N) so the state loop is unit-stride.
+struct Inputs {
+  Tensor u, delta, z, A, B, C, D, bias, init;
+  std::vector<int64_t> starts, ends;
+  int64_t batch, dim, L, N, GB, GC;
+  bool b_var, c_var, packed;
+};
+
+Inputs prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+               const Tensor& C, const OptTensor& D, const OptTensor& z,
+               const OptTensor& delta_bias, const OptTensor& initial_state,
+               const OptTensor& cu_seqlens, int64_t chunk_size) {
+  TORCH_CHECK(u.dim() == 3, "u must be (batch, dim, L), got ", u.sizes());
+  TORCH_CHECK(A.dim() == 2 && (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "A must be a float32/float64 (dim, N) tensor, got ", A.scalar_type(), " ",
+              A.sizes());
+  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  Inputs in;
+  in.batch = u.size(0);
+  in.dim = u.size(1);
+  in.L = u.size(2);
+  in.N = A.size(1);
+  const auto cd = A.scalar_type();
+  TORCH_CHECK(in.N >= 1 && in.N <= kMaxState, "N must be in [1, ", kMaxState, "], got ", in.N);
+  check_row("A", A, {in.dim, in.N});
+  check_row("delta", delta, u.sizes());
+  auto rows = [&](const Tensor& t) { return t.to(cd).contiguous(); };
+  in.u = rows(u);
+  in.delta = rows(delta);
+  in.A = rows(A);
+  auto bc = [&](const char* name, const Tensor& M, bool& var) {
+    var = M.dim() == 4;
+    if (!var) {
+      check_row(name, M, {in.dim, in.N});
+      return rows(M);
+    }
+    TORCH_CHECK(M.size(1) >= 1 && in.dim % M.size(1) == 0, name, ": G=", M.size(1),
+                " must divide dim=", in.dim);
+    check_row(name, M, {in.batch, M.size(1), in.N, in.L});
+    return M.to(cd).transpose(2, 3).contiguous();
+  };
+  in.B = bc("B", B, in.b_var);
+  in.C = bc("C", C, in.c_var);
+  in.GB = in.b_var ? in.B.size(1) : 1;
+  in.GC = in.c_var ? in.C.size(1) : 1;
+  if (D) check_row("D", *D, {in.dim}), in.D = rows(*D);
+  if (delta_bias) check_row("delta_bias", *delta_bias, {in.dim}), in.bias = rows(*delta_bias);
+  if (z) check_row("z", *z, u.sizes()), in.z = rows(*z);
+  in.packed = cu_seqlens.has_value();
+  if (in.packed) {
+    TORCH_CHECK(in.batch == 1, "cu_seqlens needs batch == 1, got ", in.batch);
+    const Tensor cu = cu_seqlens->to(at::kLong).contiguous();
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "cu_seqlens must be (nseq + 1,)");
+    const int64_t* c = cu.data_ptr<int64_t>();
+    TORCH_CHECK(c[0] == 0 && c[cu.numel() - 1] == in.L, "cu_seqlens must run from 0 to L=", in.L);
+    for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
+      TORCH_CHECK(c[s] <= c[s + 1], "cu_seqlens must be non-decreasing");
+      in.starts.push_back(c[s]);
+      in.ends.push_back(c[s + 1]);
+    }
+  } else {
+    in.starts = {0};
+    in.ends = {in.L};
+  }
+  const int64_t state_rows = in.packed ? (int64_t)in.starts.size() : in.batch;
+  if (initial_state) {
+    check_row("initial_state", *initial_state, {state_rows, in.dim, in.N});
+    in.init = rows(*initial_state);
+  }
+  return in;
+}
+
+template <typename T>
+Problem<T> problem(const Inputs& in, bool softplus, int64_t chunk_size) {
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  Problem<T> p;
+  p.batch = in.batch, p.dim = in.dim, p.L = in.L, p.N = in.N;
+  p.GB = in.GB, p.GC = in.GC, p.GF = std::lcm(in.GB, in.GC);
+  p.chunk = chunk_size;
+  p.nchunks = std::max<int64_t>(1, (in.L + chunk_size - 1) / chunk_size);
+  p.softplus = softplus;
+  p.u = ptr(in.u), p.delta = ptr(in.delta), p.z = ptr(in.z), p.A = ptr(in.A);
+  p.B = ptr(in.B), p.C = ptr(in.C), p.D = ptr(in.D), p.bias = ptr(in.bias), p.init = ptr(in.init);
+  p.b_var = in.b_var, p.c_var = in.c_var;
+  p.starts = in.starts, p.ends = in.ends, p.packed = in.packed;
+  return p;
+}
+
+// A buffer of the compute dtype to write into: `t` itself when it already is one.
+Tensor scratch_like(const Tensor& t, at::ScalarType cd) {
+  return t.scalar_type() == cd && t.is_contiguous() ? t : at::empty(t.sizes(), t.options().dtype(cd));
+}
+
+void selective_scan_fwd_kernel(const Tensor& u, const Tensor& delta, const Tensor& A,
+                               const Tensor& B, const Tensor& C, const OptTensor& D,
+                               const OptTensor& z, const OptTensor& delta_bias,
+                               const OptTensor& initial_state, const OptTensor& cu_seqlens,
+                               bool delta_softplus, int64_t chunk_size, const Tensor& out,
+                               const Tensor& last_state, const Tensor& chunk_states) {
+  const Inputs in =
+      prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, chunk_size);
+  const auto cd = A.scalar_type();
+  const int64_t nchunks = std::max<int64_t>(1, (in.L + chunk_size - 1) / chunk_size);
+  const int64_t state_rows = in.packed ? (int64_t)in.starts.size() : in.batch;
+  check_row("out", out, u.sizes());
+  check_row("last_state", last_state, {state_rows, in.dim, in.N});
+  check_row("chunk_states", chunk_states, {in.batch, in.dim, nchunks, in.N});
+  Tensor o = scratch_like(out, cd), last = scratch_like(last_state, cd),
+         cs = scratch_like(chunk_states, cd);
+  AT_DISPATCH_FLOATING_TYPES(cd, "selective_scan_fwd_kernel", [&] {
+    const auto p = problem<scalar_t>(in, delta_softplus, chunk_size);
+    forward(p, o.data_ptr<scalar_t>(), last.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>());
+  });
+  if (!o.is_same(out)) out.copy_(o);
+  if (!last.is_same(last_state)) last_state.copy_(last);
+  if (!cs.is_same(chunk_states)) chunk_states.copy_(cs);
+}
+
+void selective_scan_bwd_kernel(
+    const Tensor& dout, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+    const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+    const OptTensor& initial_state, const OptTensor& cu_seqlens, bool delta_softplus,
+    int64_t chunk_size, const Tensor& chunk_states, const OptTensor& dlast_state,
+    bool deterministic, const Tensor& du, const Tensor& ddelta, const Tensor& dA,
+    const Tensor& dB, const Tensor& dC, const OptTensor& dD, const OptTensor& dz,
+    const OptTensor& ddelta_bias, const OptTensor& dinitial_state) {
+  const Inputs in =
+      prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, chunk_size);
+  const auto cd = A.scalar_type();
+  const int64_t nchunks = std::max<int64_t>(1, (in.L + chunk_size - 1) / chunk_size);
+  const int64_t state_rows = in.packed ? (int64_t)in.starts.size() : in.batch;
+  check_row("dout", dout, u.sizes());
+  check_row("chunk_states", chunk_states, {in.batch, in.dim, nchunks, in.N});
+  check_row("du", du, u.sizes());
+  check_row("ddelta", ddelta, u.sizes());
+  check_row("dA", dA, A.sizes());
+  check_row("dB", dB, B.sizes());
+  check_row("dC", dC, C.sizes());
+  TORCH_CHECK(dD.has_value() == D.has_value(), "dD must be given exactly when D is");
+  TORCH_CHECK(dz.has_value() == z.has_value(), "dz must be given exactly when z is");
+  TORCH_CHECK(ddelta_bias.has_value() == delta_bias.has_value(),
+              "ddelta_bias must be given exactly when delta_bias is");
+  TORCH_CHECK(dinitial_state.has_value() == initial_state.has_value(),
+              "dinitial_state must be given exactly when initial_state is");
+  if (dD) check_row("dD", *dD, {in.dim});
+  if (dz) check_row("dz", *dz, u.sizes());
+  if (ddelta_bias) check_row("ddelta_bias", *ddelta_bias, {in.dim});
+  if (dinitial_state) check_row("dinitial_state", *dinitial_state, {state_rows, in.dim, in.N});
+  if (dlast_state) check_row("dlast_state", *dlast_state, {state_rows, in.dim, in.N});
+  const Tensor dout_c = dout.to(cd).contiguous(), cs = chunk_states.to(cd).contiguous();
+  const Tensor dlast = dlast_state ? dlast_state->to(cd).contiguous() : Tensor();
+  Tensor du_c = scratch_like(du, cd), dd_c = scratch_like(ddelta, cd), dA_c = scratch_like(dA, cd);
+  Tensor dB_c = scratch_like(dB, cd), dC_c = scratch_like(dC, cd);
+  Tensor dD_c = dD ? scratch_like(*dD, cd) : Tensor();
+  Tensor dz_c = dz ? scratch_like(*dz, cd) : Tensor();
+  Tensor db_c = ddelta_bias ? scratch_like(*ddelta_bias, cd) : Tensor();
+  Tensor di_c = dinitial_state ? scratch_like(*dinitial_state, cd) : Tensor();
+  const auto opts = u.options().dtype(cd);
+  AT_DISPATCH_FLOATING_TYPES(cd, "selective_scan_bwd_kernel", [&] {
+    using T = scalar_t;
+    const auto p = problem<T>(in, delta_softplus, chunk_size);
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    // Empty packed sequences pass their last-state gradient straight to their initial state.
+    if (di_c.defined()) {
+      for (int64_t s = 0; s < (int64_t)p.starts.size(); ++s) {
+        if (p.starts[s] != p.ends[s]) continue;
+        for (int64_t d = 0; d < p.dim; ++d)
+          set_state(ptr(di_c) + (s * p.dim + d) * p.N,
+                    dlast.defined() ? ptr(dlast) + (s * p.dim + d) * p.N : nullptr, p.N);
+      }
+    }
+    const Tensor dA_part = at::zeros({p.batch, p.dim, p.N}, opts);
+    const Tensor dD_part = at::zeros({p.batch, p.dim}, opts);
+    const Tensor db_part = at::zeros({p.batch, p.dim}, opts);
+    Grads<T> g;
+    g.dout = ptr(dout_c), g.dlast = ptr(dlast), g.chunk_states = ptr(cs);
+    g.du = ptr(du_c), g.ddelta = ptr(dd_c), g.dz = ptr(dz_c), g.dinit = ptr(di_c);
+    g.dA_part = ptr(dA_part), g.dD_part = ptr(dD_part), g.dbias_part = ptr(db_part);
+    g.nblk = block_count(p.batch, p.dim, p.GF, deterministic);
+    auto part = [&](bool var) {
+      return var ? at::zeros({p.batch, p.GF, g.nblk, p.L, p.N}, opts)
+                 : at::zeros({p.batch, p.dim, p.N}, opts);
+    };
+    Tensor dB_part = part(p.b_var), dC_part = part(p.c_var);
+    g.dB_part = ptr(dB_part), g.dC_part = ptr(dC_part);
+    backward(p, g, ptr(dA_c), ptr(dB_c), ptr(dC_c), ptr(dD_c), ptr(db_c));
+  });
+  auto back = [](const Tensor& src, const Tensor& dst) {
+    if (!src.is_same(dst)) dst.copy_(src);
+  };
+  back(du_c, du), back(dd_c, ddelta), back(dA_c, dA), back(dB_c, dB), back(dC_c, dC);
+  if (dD) back(dD_c, *dD);
+  if (dz) back(dz_c, *dz);
+  if (ddelta_bias) back(db_c, *ddelta_bias);
+  if (dinitial_state) back(di_c, *dinitial_state);
+}
+
+void selective_state_update_kernel(const Tensor& state, const Tensor& x, const Tensor& dt,
+                                   const Tensor& A, const Tensor& B, const Tensor& C,
+                                   const OptTensor& D, const OptTensor& z,
+                                   const OptTensor& dt_bias, bool dt_softplus, const Tensor& out) {
+  TORCH_CHECK(state.dim() == 3, "state must be (batch, dim, N), got ", state.sizes());
+  const int64_t batch = state.size(0), dim = state.size(1), N = state.size(2);
+  const auto cd = A.scalar_type();
+  TORCH_CHECK(cd == at::kFloat || cd == at::kDouble, "A must be float32/float64, got ", cd);
+  TORCH_CHECK(state.scalar_type() == cd, "state must have A's dtype ", cd, ", got ",
+              state.scalar_type());
+  TORCH_CHECK(N >= 1 && N <= kMaxState, "N must be in [1, ", kMaxState, "], got ", N);
+  check_row("A", A, {dim, N});
+  check_row("x", x, {batch, dim});
+  check_row("dt", dt, {batch, dim});
+  check_row("out", out, {batch, dim});
+  for (const Tensor* M : {&B, &C}) {
+    TORCH_CHECK(M->dim() == 3 && M->size(1) >= 1 && dim % M->size(1) == 0,
+                "B and C must be (batch, G, N) with G dividing dim, got ", M->sizes());
+    check_row(M == &B ? "B" : "C", *M, {batch, M->size(1), N});
+  }
+  const int64_t GB = B.size(1), GC = C.size(1);
+  auto rows = [&](const Tensor& t) { return t.to(cd).contiguous(); };
+  const Tensor xc = rows(x), dtc = rows(dt), Ac = rows(A), Bc = rows(B), Cc = rows(C);
+  Tensor Dc, zc, bc;
+  if (D) check_row("D", *D, {dim}), Dc = rows(*D);
+  if (z) check_row("z", *z, {batch, dim}), zc = rows(*z);
+  if (dt_bias) check_row("dt_bias", *dt_bias, {dim}), bc = rows(*dt_bias);
+  Tensor st = state.is_contiguous() ? state : state.contiguous();
+  Tensor o = scratch_like(out, cd);
+  AT_DISPATCH_FLOATING_TYPES(cd, "selective_state_update_kernel", [&] {
+    using T = scalar_t;
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const T *xp = ptr(xc), *dtp = ptr(dtc), *Ap = ptr(Ac), *Bp = ptr(Bc), *Cp = ptr(Cc);
+    const T *Dp = ptr(Dc), *zp = ptr(zc), *bp = ptr(bc);
+    T *sp = ptr(st), *op = ptr(o);
+    at::parallel_for(0, batch * dim, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / dim, d = r % dim;
+        const int64_t gb = b * GB + d / (dim / GB), gc = b * GC + d / (dim / GC);
+        T dtv, duv, y;
+        prep(1, dtp + r, xp + r, bp ? bp[d] : T(0), dt_softplus, &dtv, &duv, (T*)nullptr);
+        steps_y(1, N, &dtv, &duv, Ap + d * N, Bp + gb * N, 0, Cp + gc * N, 0,
+                sp + r * N, &y);
+        post(1, &y, xp + r, Dp ? Dp[d] : T(0), zp ? zp + r : nullptr, op + r);
+      }
+    });
+  });
+  if (!st.is_same(state)) state.copy_(st);
+  if (!o.is_same(out)) out.copy_(o);
+}
+
+}  // namespace dlcore::cpu::scan
+
+TORCH_LIBRARY_IMPL(dlcore, CPU, m) {
+  m.impl("selective_scan_fwd_kernel", &dlcore::cpu::scan::selective_scan_fwd_kernel);
+  m.impl("selective_scan_bwd_kernel", &dlcore::cpu::scan::selective_scan_bwd_kernel);
+  m.impl("selective_state_update_kernel", &dlcore::cpu::scan::selective_state_update_kernel);
+}
