@@ -37,6 +37,7 @@ Kernel contract (C++ ops declared in csrc/dlcore.cpp; the Triton launchers
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -69,15 +70,24 @@ def _triton():
         return None
 
 
-def implemented() -> tuple[str, ...]:
+def _implemented() -> tuple[str, ...]:
     names = []
     if _has_kernel("sampler_step_kernel", "CUDA"):
         names.append("cuda")
     if _has_kernel("sampler_step_kernel", "CPU"):
         names.append("cpu")
-    if _triton() is not None:
+    if importlib.util.find_spec("triton") is not None:
         names.append("triton")
     return (*names, "eager")
+
+
+# Fixed once the extensions are loaded; a constant so torch.compile traces no registry queries.
+IMPLEMENTED = _implemented()
+
+
+def implemented() -> tuple[str, ...]:
+    """The backends this family implements in this build."""
+    return IMPLEMENTED
 
 
 # ---------------------------------------------------------------- kernel layer glue
@@ -227,12 +237,29 @@ def sampler_step_op(
     guidance_rescale: float,
     seed: int,
     noise_mode: int,
-    backend: str,
     prev_sample: Tensor,
     pred_original_sample: Tensor,
 ) -> None:
     """One fused step (see the module docstring). ``uncond`` set means guidance; learned variance
-    types take 2C-channel model outputs. Outputs are written in place."""
+    types take 2C-channel model outputs. Outputs are written in place. The backend is chosen
+    here, at run time, so compiled graphs honour ``dlcore.backend``."""
+    method_name = {v: k for k, v in _METHODS.items()}[method]
+    backend = select(f"dlcore.{method_name}_step", sample.device, IMPLEMENTED)
+    if backend == "eager":
+        prev, x0 = _reference(
+            method_name, sample, model_output, uncond, alpha_t, alpha_prev, eta=eta,
+            noise_t=noise, noise_mode=noise_mode, seed=seed,
+            add_noise=True if noise_mask is None else noise_mask > 0,
+            variance_type=VARIANCE_TYPES[variance_type],
+            prediction_type=PREDICTION_TYPES[prediction_type], clip_sample=clip_mode == 1,
+            clip_sample_range=clip_range, thresholding=clip_mode == 2, ratio=threshold_ratio,
+            sample_max_value=sample_max_value, use_clipped=use_clipped_model_output,
+            guidance_scale=guidance_scale if uncond is not None else None,
+            guidance_rescale=guidance_rescale,
+        )  # fmt: skip
+        prev_sample.copy_(prev)
+        pred_original_sample.copy_(x0)
+        return
     _run_kernels(
         backend, sample, model_output, uncond, noise, alpha_t, alpha_prev, noise_mask, method,
         prediction_type, variance_type, clip_mode, clip_range, threshold_ratio,
@@ -244,7 +271,7 @@ def sampler_step_op(
 @sampler_step_op.register_fake
 def _(sample, model_output, uncond, noise, alpha_t, alpha_prev, noise_mask, method,
       prediction_type, variance_type, clip_mode, clip_range, threshold_ratio, sample_max_value,
-      eta, use_clipped_model_output, guidance_scale, guidance_rescale, seed, noise_mode, backend,
+      eta, use_clipped_model_output, guidance_scale, guidance_rescale, seed, noise_mode,
       prev_sample, pred_original_sample):  # fmt: skip
     return None
 
@@ -483,13 +510,18 @@ def _step(
         if out[0].data_ptr() == out[1].data_ptr():
             raise ValueError("out[0] and out[1] must be different tensors")
 
+    # float64 and autograd run the differentiable reference; so does a forced eager backend,
+    # here with the caller's own alphas (bit for bit diffusers). Under torch.compile the op
+    # picks the backend at run time instead.
     if sample.dtype == torch.float64 or _needs_grad(
         sample, model_output, model_output_uncond, noise_t, alpha_prod_t, alpha_prod_t_prev
     ):
-        backend = "eager"
+        eager = True
+    elif torch.compiler.is_compiling():
+        eager = False
     else:
-        backend = select(f"dlcore.{method}_step", sample.device, implemented())
-    if backend == "eager":
+        eager = select(f"dlcore.{method}_step", sample.device, IMPLEMENTED) == "eager"
+    if eager:
         if out is not None and _needs_grad(sample, model_output, model_output_uncond):
             raise ValueError("out= is not supported when inputs require grad")
         result = _reference(
@@ -532,7 +564,7 @@ def _step(
         float(dynamic_thresholding_ratio), float(sample_max_value), float(eta),
         bool(use_clipped_model_output and method == "ddim"),
         float(guidance_scale) if guided else 1.0, float(guidance_rescale), int(seed),
-        noise_mode, backend, prev, x0,
+        noise_mode, prev, x0,
     )  # fmt: skip
     return prev, x0
 
