@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backends as _backends
+from .backends import _check_name, _forced, _runs_on, backend, backends
 
 FAMILIES = ("attention", "sampler", "scan", "lora")
 _STATE_ATTR = "_dlcore_patch_state"
@@ -127,7 +127,7 @@ def _cannot_run(backend: str | None, module: nn.Module) -> str:
     device, _ = _module_device_dtype(module)
     if device is None:
         return ""
-    why = _backends._runs_on(backend, device)
+    why = _runs_on(backend, device)
     return f"device: backend {backend!r} cannot run {device.type} tensors ({why})" if why else ""
 
 
@@ -177,6 +177,8 @@ class _Patcher:
             # The original takes the patched module's tensors, so training done while patched
             # (and any .to()) carries over; state-dict keys are the same by construction.
             old.load_state_dict(new.state_dict(), assign=True)
+            if hasattr(new, "to_peft"):
+                new.to_peft()  # syncs the active/disabled adapter state back into peft's layer
             setattr(parent, attr, old)
 
         entry = PatchEntry(family, name, _qualname(module), _qualname(new))
@@ -275,7 +277,10 @@ class _Patcher:
                 reason = why or "the 'dlcore' transformers attention function is not registered"
                 self.report.skipped.append(PatchEntry("attention", full, target, reason=reason))
                 continue
-            if not module._can_set_attn_implementation():
+            if not (
+                getattr(module, "_supports_attention_backend", False)
+                and module._can_set_attn_implementation()
+            ):
                 reason = (
                     f"{type(module).__name__} does not dispatch attention through "
                     "transformers' AttentionInterface"
@@ -384,11 +389,11 @@ def _pin(target: Any, name: str) -> Callable[[], None]:
 
         def enter(module: nn.Module, args: Any) -> None:
             if not torch.compiler.is_compiling():
-                tokens.append(_backends._forced.set(name))
+                tokens.append(_forced.set(name))
 
         def leave(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.compiler.is_compiling() and tokens:
-                _backends._forced.reset(tokens.pop())
+                _forced.reset(tokens.pop())
 
         handles = [
             target.register_forward_pre_hook(enter),
@@ -399,7 +404,7 @@ def _pin(target: Any, name: str) -> Callable[[], None]:
     step = target.step
 
     def pinned_step(*args: Any, **kwargs: Any) -> Any:
-        with _backends.backend(name):
+        with backend(name):
             return step(*args, **kwargs)
 
     target.step = pinned_step
@@ -436,8 +441,8 @@ def patch(
     """
     families = _check_families(families)
     if backend is not None:
-        _backends._check_name(backend, "dlcore.patch(backend=)")
-        status = _backends.backends()[backend]
+        _check_name(backend, "dlcore.patch(backend=)")
+        status = backends()[backend]
         if not status.available:
             raise RuntimeError(
                 f"dlcore.patch: backend {backend!r} cannot run here: {status.detail}"
