@@ -76,7 +76,7 @@ def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
 
 def _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
     need_x, need_w, need_b, need_a, need_bl = needs
-    dx = dw = db = da = dbl = _empty(dy)
+    dx, dw, db, da, dbl = (_empty(dy) for _ in range(5))
     g = torch.mm(dy, lora_b) if (need_x or need_a) else None
     if need_x:
         dx = torch.mm(dy, weight.t() if fifo else weight)
@@ -128,7 +128,7 @@ def _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fi
 
 def _multi_bwd_composed(dy, x, weight, a_stack, b_stack, scalings, indices, xa, fifo, needs):
     need_x, need_w, need_b, need_a, need_bl = needs
-    dx = dw = db = da = dbl = _empty(dy)
+    dx, dw, db, da, dbl = (_empty(dy) for _ in range(5))
     if need_x:
         dx = torch.mm(dy, weight.t() if fifo else weight)
     if need_a:
@@ -210,6 +210,8 @@ def _multi_bwd_eager(dy, x, weight, a_stack, b_stack, scalings, indices, xa, fif
 
 
 # ---- triton backend --------------------------------------------------------------------------
+# The kernels take fp16/bf16/fp32; float64 (gradcheck, references) and empty batches run the
+# composed BLAS path on the same device.
 
 
 def _grads_like(dy, x, weight, lora_a, lora_b, needs):
@@ -221,7 +223,7 @@ def _grads_like(dy, x, weight, lora_a, lora_b, needs):
 
 
 def _fwd_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or x.dtype == torch.float64:
         return _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
     out = x.new_empty(x.shape[0], weight.shape[1] if fifo else weight.shape[0])
     xa = x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
@@ -230,7 +232,7 @@ def _fwd_triton(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
 
 
 def _bwd_triton(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
-    if dy.shape[0] == 0:
+    if dy.shape[0] == 0 or dy.dtype == torch.float64:
         return _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs)
     grads = _grads_like(dy, x, weight, lora_a, lora_b, needs)
     _kernels().lora_backward(
@@ -240,7 +242,7 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs
 
 
 def _multi_fwd_triton(x, weight, bias, a_stack, b_stack, scalings, indices, fifo):
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or x.dtype == torch.float64:
         return _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo)
     out = x.new_empty(x.shape[0], weight.shape[1] if fifo else weight.shape[0])
     xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
@@ -251,7 +253,7 @@ def _multi_fwd_triton(x, weight, bias, a_stack, b_stack, scalings, indices, fifo
 
 
 def _multi_bwd_triton(dy, x, weight, a_stack, b_stack, scalings, indices, xa, fifo, needs):
-    if dy.shape[0] == 0:
+    if dy.shape[0] == 0 or dy.dtype == torch.float64:
         return _multi_bwd_composed(
             dy, x, weight, a_stack, b_stack, scalings, indices, xa, fifo, needs
         )
@@ -410,7 +412,7 @@ _lora_linear_multi_op.register_autograd(_backward_multi, setup_context=_setup_mu
 
 def _check_linear(x, weight, bias, fan_in_fan_out):
     """Validate x and the base layer; return (in_features, out_features)."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, layout="(..., in_features)")
+    check_tensor("x", x, dtypes=(*FLOAT_DTYPES, torch.float64), layout="(..., in_features)")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
     dev, dt = x.device, x.dtype

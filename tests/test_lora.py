@@ -1,0 +1,413 @@
+"""dlcore.lora_linear / lora_linear_multi: parity of outputs and every gradient with the float64
+eager reference (DESIGN.md's rule) on the triton (interpreter), cpu and eager backends; dropout
+mask reproducibility; float64 gradcheck; opcheck; bad-input messages; kernel launchers writing
+into NaN-poisoned outputs."""
+
+import pytest
+import torch
+from conftest import backends_for
+from dlcore.kernels import lora as K
+
+import dlcore
+from dlcore.ops import lora as ops
+from dlcore.reference import lora as ref
+from dlcore.testing import assert_parity, poison_
+
+BACKENDS = backends_for("cpu", ("triton", "cpu", "eager"))
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def _rand(gen, *shape, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _single_inputs(lead, in_f, out_f, r, dtype, bias=True, fifo=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand(gen, *lead, in_f, dtype=dtype)
+    w_shape = (in_f, out_f) if fifo else (out_f, in_f)
+    w = _rand(gen, *w_shape, scale=in_f**-0.5, dtype=dtype)
+    b = _rand(gen, out_f, dtype=dtype) if bias else None
+    a = _rand(gen, r, in_f, scale=in_f**-0.5, dtype=dtype)
+    bl = _rand(gen, out_f, r, scale=r**-0.5, dtype=dtype)
+    return [x, w, b, a, bl]
+
+
+def _out_and_grads(fn, tensors, dy_seed=1):
+    """fn's output and the gradients of <out, dy> w.r.t. every non-None tensor."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(dy_seed)
+    dy = torch.randn(out.shape, generator=gen).to(out.dtype)
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, used, dy, allow_unused=True, materialize_grads=True))
+    return out.detach(), [next(grads) if t is not None else None for t in leaves]
+
+
+def _assert_all(backend, fn, ref_fn, tensors, label):
+    with dlcore.backend(backend):
+        out, grads = _out_and_grads(fn, tensors)
+    dt = tensors[0].dtype
+    out64, grads64 = _out_and_grads(ref_fn, [t.double() if t is not None else t for t in tensors])
+    out_lp, grads_lp = _out_and_grads(ref_fn, tensors)
+    assert out.dtype == dt
+    assert_parity(out, out64, out_lp, name=f"{label} out")
+    for name, g, g64, glp in zip(GRAD_NAMES, grads, grads64, grads_lp, strict=False):
+        if g64 is None:
+            continue
+        assert g.dtype == dt and g.shape == g64.shape
+        assert_parity(g, g64, glp, name=f"{label} d{name}")
+
+
+# (lead dims, in, out, r, bias, dropout p, fan_in_fan_out, dtype)
+SINGLE_CASES = [
+    ((37,), 45, 70, 1, True, 0.0, False, torch.float32),
+    ((2, 9), 45, 70, 8, False, 0.0, False, torch.float32),
+    ((2, 3, 5), 45, 70, 16, True, 0.2, False, torch.float32),
+    ((1, 2, 3, 2), 45, 70, 64, True, 0.0, True, torch.float32),
+    ((7,), 45, 70, 256, True, 0.3, False, torch.float32),
+    ((1,), 33, 17, 8, True, 0.0, False, torch.float32),
+    ((3, 4), 45, 70, 16, True, 0.1, True, torch.bfloat16),
+    ((11,), 45, 70, 100, False, 0.0, False, torch.float16),
+    ((5,), 333, 517, 16, True, 0.1, False, torch.float32),
+]
+
+
+def _case_id(c):
+    lead, in_f, out_f, r, bias, p, fifo, dt = c
+    return (
+        f"x{'x'.join(map(str, lead))}-{in_f}to{out_f}-r{r}{'-bias' if bias else ''}"
+        f"{f'-p{p}' if p else ''}{'-fifo' if fifo else ''}-{str(dt)[6:]}"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SINGLE_CASES, ids=_case_id)
+def test_lora_linear_parity(backend, case):
+    lead, in_f, out_f, r, bias, p, fifo, dt = case
+    tensors = _single_inputs(lead, in_f, out_f, r, dt, bias, fifo)
+    kw = {"dropout_p": p, "training": True, "fan_in_fan_out": fifo, "seed": 1234}
+
+    def fn(x, w, b, a, bl):
+        return dlcore.lora_linear(x, w, b, a, bl, 1.7, **kw)
+
+    def ref_fn(x, w, b, a, bl):
+        return ref.lora_linear_reference(x, w, b, a, bl, 1.7, p, 1234, fifo)
+
+    _assert_all(backend, fn, ref_fn, tensors, _case_id(case))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_linear_noncontiguous_and_frozen_base(backend):
+    """x a transposed view, weight a strided view; base frozen (no dx/dW/db requested)."""
+    gen = torch.Generator().manual_seed(3)
+    x = _rand(gen, 45, 2, 13).permute(1, 2, 0)  # (2, 13, 45), last dim strided
+    w = _rand(gen, 70, 90, scale=45**-0.5)[:, ::2]  # (70, 45), strides (90, 2)
+    a = _rand(gen, 8, 45, scale=45**-0.5).requires_grad_()
+    bl = _rand(gen, 70, 8, scale=8**-0.5).requires_grad_()
+    with dlcore.backend(backend):
+        out = dlcore.lora_linear(x, w, None, a, bl, 0.5)
+        da, db = torch.autograd.grad(out.square().sum(), (a, bl))
+    a64, b64 = a.detach().double().requires_grad_(), bl.detach().double().requires_grad_()
+    ref64 = ref.lora_linear_reference(x.double(), w.double(), None, a64, b64, 0.5)
+    da64, db64 = torch.autograd.grad(ref64.square().sum(), (a64, b64))
+    assert_parity(out, ref64, ref.lora_linear_reference(x, w, None, a, bl, 0.5), name="out")
+    assert_parity(da, da64, name="dA", floor=1e-5 * float(da64.abs().max()))
+    assert_parity(db, db64, name="dB", floor=1e-5 * float(db64.abs().max()))
+
+
+def _multi_inputs(lead, in_f, out_f, ranks, dtype, bias=True, fifo=False, seed=0):
+    """Stacks of adapters with the given ranks, zero-padded to the largest; indices include -1,
+    unsorted."""
+    gen = torch.Generator().manual_seed(seed)
+    n, r_max = len(ranks), max(ranks)
+    x = _rand(gen, *lead, in_f, dtype=dtype)
+    w_shape = (in_f, out_f) if fifo else (out_f, in_f)
+    w = _rand(gen, *w_shape, scale=in_f**-0.5, dtype=dtype)
+    b = _rand(gen, out_f, dtype=dtype) if bias else None
+    a = torch.zeros(n, r_max, in_f, dtype=dtype)
+    bl = torch.zeros(n, out_f, r_max, dtype=dtype)
+    for i, r in enumerate(ranks):
+        a[i, :r] = _rand(gen, r, in_f, scale=in_f**-0.5, dtype=dtype)
+        bl[i, :, :r] = _rand(gen, out_f, r, scale=r**-0.5, dtype=dtype)
+    idx = torch.randint(-1, n, lead, generator=gen)
+    idx.view(-1)[0] = -1  # at least one base-only row
+    scal = torch.linspace(0.5, 2.0, n)
+    return [x, w, b, a, bl], scal, idx
+
+
+# (lead dims, in, out, adapter ranks, bias, fan_in_fan_out, dtype): 5 tokens take the gather
+# (BGMV) path, more the segment-sorted (SGMV) one; rank 100 uses the T buffer.
+MULTI_CASES = [
+    ((5,), 45, 70, (8, 4, 16), True, False, torch.float32),
+    ((37,), 45, 70, (16, 1, 8, 16), True, False, torch.float32),
+    ((3, 13), 45, 70, (100, 64), False, True, torch.float32),
+    ((2, 2, 9), 45, 70, (8, 2), True, False, torch.bfloat16),
+    ((1,), 45, 70, (8,), True, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case", MULTI_CASES, ids=lambda c: f"x{'x'.join(map(str, c[0]))}-r{c[3]}-{str(c[6])[6:]}"
+)
+def test_lora_linear_multi_parity(backend, case):
+    lead, in_f, out_f, ranks, bias, fifo, dt = case
+    tensors, scal, idx = _multi_inputs(lead, in_f, out_f, ranks, dt, bias, fifo)
+
+    def fn(x, w, b, a, bl):
+        return dlcore.lora_linear_multi(x, w, b, a, bl, scal, idx, fan_in_fan_out=fifo)
+
+    def ref_fn(x, w, b, a, bl):
+        return ref.lora_linear_multi_reference(x, w, b, a, bl, scal.to(x.dtype), idx, fifo)
+
+    _assert_all(backend, fn, ref_fn, tensors, f"multi {lead} {ranks}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_linear_multi_matches_single_adapter_calls(backend):
+    """Each row equals lora_linear with that row's adapter (or the plain linear for -1)."""
+    tensors, scal, idx = _multi_inputs((29,), 40, 50, (8, 8, 8), torch.float32)
+    x, w, b, a, bl = tensors
+    with dlcore.backend(backend):
+        got = dlcore.lora_linear_multi(x, w, b, a, bl, scal.tolist(), idx)
+        for i in range(3):
+            rows = idx == i
+            want = dlcore.lora_linear(x[rows], w, b, a[i], bl[i], float(scal[i]))
+            torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-5)
+    base = torch.nn.functional.linear(x[idx == -1], w, b)
+    torch.testing.assert_close(got[idx == -1], base, rtol=1e-5, atol=1e-5)
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_reproducible(backend):
+    x, w, b, a, bl = _single_inputs((6, 5), 40, 24, 8, torch.float32)
+    with dlcore.backend(backend):
+
+        def run(**kw):
+            return dlcore.lora_linear(x, w, b, a, bl, 2.0, dropout_p=0.5, **kw)
+
+        y1, y2, y3 = (
+            run(training=True, seed=5),
+            run(training=True, seed=5),
+            run(training=True, seed=6),
+        )
+        torch.manual_seed(11)
+        z1 = run(training=True)
+        torch.manual_seed(11)
+        z2 = run(training=True)
+        evaluation = run(training=False, seed=5)
+        plain = dlcore.lora_linear(x, w, b, a, bl, 2.0)
+    assert torch.equal(y1, y2) and torch.equal(z1, z2)
+    assert not torch.allclose(y1, y3)
+    assert torch.equal(evaluation, plain)
+    # The same mask as the reference (which is the mask the backward regenerates).
+    want = ref.lora_linear_reference(x.double(), w.double(), b.double(), a.double(), bl.double(),
+                                     2.0, 0.5, 5)  # fmt: skip
+    assert_parity(y1, want, name="dropout out")
+
+
+def test_dropout_mask_statistics_and_triton_rng():
+    keep = ref.dropout_keep_mask(99, 0, 256, 512, 0.3)
+    frac = keep.float().mean().item()
+    assert abs(frac - 0.7) < 0.01, frac
+    # Row offsets address the same global counter: a slice of rows is the same mask.
+    assert torch.equal(ref.dropout_keep_mask(99, 100, 20, 512, 0.3), keep[100:120])
+    # Matches tl.randint's Philox on known counters, including the 64-bit high word.
+    offs = torch.tensor([0, 1, 2**31 + 5, 2**33 + 7], dtype=torch.int64)
+    got = ref.philox_randint(2**40 + 3, offs)
+    assert got.dtype == torch.int64 and bool(((got >= 0) & (got < 2**32)).all())
+    assert len(set(got.tolist())) == 4
+
+
+def test_dropout_mask_triton_equals_reference():
+    """The Triton kernel's in-register mask equals the torch Philox mask bit for bit: with W = 0,
+    A = I and B = I the output is the dropped input itself."""
+    m, k = 19, 40
+    x = torch.randn(m, k)
+    eye = torch.eye(k)
+    out = poison_(torch.empty(m, k))
+    xa = poison_(torch.empty(m, k))
+    K.lora_forward(x, torch.zeros(k, k), None, eye, eye, 1.0, 0.25, 77, False, out, xa)
+    want = ref.lora_dropout(x, 0.25, 77)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out == 0, want == 0)
+
+
+# ---- float64 gradcheck on the CPU paths ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+@pytest.mark.parametrize("fifo", [False, True])
+def test_gradcheck_single(backend, fifo):
+    tensors = _single_inputs((2, 3), 6, 5, 3, torch.float64, True, fifo)
+    tensors = [t.requires_grad_() for t in tensors]
+
+    def fn(*t):
+        return dlcore.lora_linear(*t, 0.7, dropout_p=0.3, training=True, fan_in_fan_out=fifo,
+                                  seed=3)  # fmt: skip
+
+    with dlcore.backend(backend):
+        assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_gradcheck_multi(backend):
+    tensors, scal, idx = _multi_inputs((7,), 6, 5, (3, 2), torch.float64)
+    tensors = [t.requires_grad_() for t in tensors]
+
+    def fn(*t):
+        return dlcore.lora_linear_multi(*t, scal, idx)
+
+    with dlcore.backend(backend):
+        assert torch.autograd.gradcheck(fn, tensors)
+
+
+# ---- opcheck ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_opcheck(backend):
+    x, w, b, a, bl = _single_inputs((9,), 12, 10, 4, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, w, b, a, bl)]
+    (xs, w2, b2, as_, bs), scal, idx = _multi_inputs((9,), 12, 10, (4, 2), torch.float32)
+    xa = torch.randn(9, 4)
+    dy = torch.randn(9, 10)
+    cases = [
+        (torch.ops.dlcore.lora_linear.default, (*leaves, 0.5, 0.2, 3, False)),
+        (torch.ops.dlcore.lora_linear.default, (x.detach(), w.detach().t(), None, a.detach(),
+                                                bl.detach(), 0.5, 0.0, 0, True)),
+        (torch.ops.dlcore.lora_linear_backward.default,
+         (dy, x.detach(), w.detach(), a.detach(), bl.detach(), xa, 0.5, 0.2, 3, False,
+          [True, False, True, True, True])),
+        (torch.ops.dlcore.lora_linear_multi.default,
+         (xs.requires_grad_(), w2, b2, as_.requires_grad_(), bs, scal, idx.int(), False)),
+        (torch.ops.dlcore.lora_linear_multi_backward.default,
+         (dy, xs.detach(), w2, as_.detach(), bs, scal, idx.int(), xa, False,
+          [True, True, False, True, True])),
+    ]  # fmt: skip
+    with dlcore.backend(backend):
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    x, w, b, a, bl = _single_inputs((4,), 12, 10, 4, torch.float32)
+    f = dlcore.lora_linear
+    with pytest.raises(ValueError, match=r"rank mismatch: lora_A \(4, 12\) has rank 4 .* rank 3"):
+        f(x, w, b, a, bl[:, :3], 1.0)
+    with pytest.raises(ValueError, match=r"x has 11 features .* in_features=12"):
+        f(x[:, :11], w, b, a, bl, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \(\*, 12\)|lora_A must have"):
+        f(x, w, b, a[:, :11], bl, 1.0)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(10, 4\)"):
+        f(x, w, b, a, bl[:9], 1.0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10\)"):
+        f(x, w, b[:9], a, bl, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must have dtype float32, got bfloat16"):
+        f(x, w, b, a.bfloat16(), bl, 1.0)
+    with pytest.raises(ValueError, match=r"weight must have dtype float16, got float32"):
+        f(x.half(), w, b, a, bl, 1.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        f(x, w, b, a, bl, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match=r"weight must have 2 dimensions"):
+        f(x, w[None], b, a, bl, 1.0)
+    with pytest.raises(ValueError, match=r"fan_in_fan_out"):
+        f(x, w, b, a, bl, 1.0, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match=r"x must have dtype"):
+        f(x.long(), w, b, a, bl, 1.0)
+
+    (xm, wm, bm, am, bml), scal, idx = _multi_inputs((6,), 12, 10, (4, 2), torch.float32)
+    g = dlcore.lora_linear_multi
+    with pytest.raises(ValueError, match=r"adapter_indices out of range: .*\[-1, 2\].*0\.\.1"):
+        g(xm, wm, bm, am, bml, scal, torch.tensor([0, 1, 2, -1, 0, 0]))
+    with pytest.raises(ValueError, match=r"adapter_indices out of range: .*\[-2, "):
+        g(xm, wm, bm, am, bml, scal, torch.tensor([0, 1, -2, -1, 0, 0]))
+    with pytest.raises(ValueError, match=r"one entry per token: shape \(6,\)"):
+        g(xm, wm, bm, am, bml, scal, idx[:5])
+    with pytest.raises(ValueError, match=r"rank mismatch: lora_A_stack \(2, 4, 12\)"):
+        g(xm, wm, bm, am, bml[:, :, :3], scal, idx)
+    with pytest.raises(ValueError, match=r"lora_B_stack must have shape \(2, 10, 4\)"):
+        g(xm, wm, bm, am, bml[:, :9], scal, idx)
+    with pytest.raises(ValueError, match=r"scalings must have one value per adapter \(2\), got 3"):
+        g(xm, wm, bm, am, bml, [1.0, 2.0, 3.0], idx)
+    with pytest.raises(ValueError, match=r"lora_B_stack must have dtype float32, got float16"):
+        g(xm, wm, bm, am, bml.half(), scal, idx)
+    with pytest.raises(ValueError, match=r"integer tensor"):
+        g(xm, wm, bm, am, bml, scal, idx.float())
+
+
+def test_forced_backend_and_meta():
+    x, w, b, a, bl = _single_inputs((4,), 12, 10, 4, torch.float32)
+    with dlcore.backend("cuda"), pytest.raises(RuntimeError, match="does not implement"):
+        dlcore.lora_linear(x, w, b, a, bl, 1.0)
+    meta = [t.to("meta") for t in (x, w, b, a, bl)]
+    out = dlcore.lora_linear(*meta, 1.0)
+    assert out.shape == (4, 10) and out.device.type == "meta"
+    empty = dlcore.lora_linear(x[:0], w, b, a, bl, 1.0)
+    assert empty.shape == (0, 10)
+
+
+# ---- kernel launchers write every element (outputs poisoned with NaN) ------------------------
+
+
+@pytest.mark.parametrize(
+    "m,k,n,r,fifo", [(1, 33, 17, 1, False), (17, 45, 130, 64, True), (70, 40, 65, 128, False)]
+)
+def test_triton_launchers_fill_poisoned_outputs(m, k, n, r, fifo):
+    gen = torch.Generator().manual_seed(0)
+    x = _rand(gen, m, k)
+    w = _rand(gen, k, n) if fifo else _rand(gen, n, k)
+    b, a, bl = _rand(gen, n), _rand(gen, r, k), _rand(gen, n, r)
+    out, xa = poison_(torch.empty(m, n)), poison_(torch.empty(m, r))
+    K.lora_forward(x, w, b, a, bl, 0.5, 0.1, 9, fifo, out, xa)
+    want = ref.lora_linear_reference(x, w, b, a, bl, 0.5, 0.1, 9, fifo)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xa, ref.lora_dropout(x, 0.1, 9) @ a.t(), rtol=1e-4, atol=1e-4)
+    dy = _rand(gen, m, n)
+    grads = [poison_(torch.empty_like(t)) for t in (x, w, b, a, bl)]
+    K.lora_backward(dy, x, w, a, bl, xa, 0.5, 0.1, 9, fifo, (True,) * 5, grads)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    # Multi-adapter: gather (m <= 16) and segmented paths.
+    n_ad = 3
+    a3, b3 = _rand(gen, n_ad, r, k), _rand(gen, n_ad, n, r)
+    idx = torch.randint(-1, n_ad, (m,), generator=gen, dtype=torch.int32)
+    scal = torch.tensor([0.5, 1.0, 2.0])
+    out, xa = poison_(torch.empty(m, n)), poison_(torch.empty(m, r))
+    K.lora_multi_forward(x, w, b, a3, b3, scal, idx, fifo, out, xa)
+    want = ref.lora_linear_multi_reference(x, w, b, a3, b3, scal, idx, fifo)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    grads = [poison_(torch.empty_like(t)) for t in (x, w, b, a3, b3)]
+    K.lora_multi_backward(dy, x, w, a3, b3, scal, idx, xa, fifo, (True,) * 5, grads)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_segment_tiles_cover_every_row_once():
+    idx = torch.tensor([2, -1, 0, 2, 2, 1, -1, 0, 2, 2, 2], dtype=torch.int32)
+    perm, tiles, n_tiles = K.segment_tiles(idx, 3, 2)
+    seen = []
+    for start, count, adapter in tiles.tolist():
+        rows = perm[start : start + count].tolist()
+        assert all(int(idx[r]) == adapter for r in rows)
+        seen += rows
+    assert sorted(seen) == list(range(11)) and n_tiles == tiles.shape[0]
+
+
+def test_parity_cases_run():
+    """python -m dlcore check's LoRA cases pass on the cpu backend here."""
+    from dlcore.testing import cast_floats, parity
+
+    for case in ops.parity_cases():
+        args, kw = case.make(torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+        with dlcore.backend("cpu"):
+            got = case.run(*args, **kw)
+        want = case.reference(*cast_floats(args, torch.float64), **cast_floats(kw, torch.float64))
+        want_lp = case.reference(*args, **kw)
+        got, want, want_lp = (t if isinstance(t, tuple) else (t,) for t in (got, want, want_lp))
+        for g, w64, wlp, name in zip(got, want, want_lp, case.outputs, strict=True):
+            assert parity(g, w64, wlp, name=name).passed
