@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     from rich.progress import Progress
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     device = torch.device(args.device)
     families = args.family or family_names()
     console.print(

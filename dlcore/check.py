@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import backends as _backends
+from .backends import BACKENDS, _runs_on, backend, backends
 from .testing import cast_floats, parity
 
 FAMILIES = ("sampler", "attention", "scan", "lora")
@@ -42,9 +43,9 @@ def _as_tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def collect(families: tuple[str, ...] = FAMILIES) -> list[Case]:
+def collect(families: tuple[str, ...] | None = None) -> list[Case]:
     cases = []
-    for fam in families:
+    for fam in families or FAMILIES:
         try:
             module = importlib.import_module(f"dlcore.ops.{fam}")
         except ModuleNotFoundError:
@@ -55,13 +56,13 @@ def collect(families: tuple[str, ...] = FAMILIES) -> list[Case]:
 
 def run_checks(device: torch.device, only_backend: str | None = None, seed: int = 0) -> list[dict]:
     rows = []
-    status = _backends.backends()
+    status = backends()
     for case in collect():
         for name in case.backends:
             if only_backend and name != only_backend:
                 continue
             why = None if status[name].available else status[name].detail
-            why = why or _backends._runs_on(name, device)
+            why = why or _runs_on(name, device)
             for dtype in case.dtypes:
                 row = {"op": case.op, "case": case.label, "backend": name, "dtype": dtype}
                 if why:
@@ -70,7 +71,7 @@ def run_checks(device: torch.device, only_backend: str | None = None, seed: int 
                 gen = torch.Generator(device="cpu").manual_seed(seed)
                 args, kwargs = case.make(dtype, device, gen)
                 try:
-                    with _backends.backend(name):
+                    with backend(name):
                         got = _as_tuple(case.run(*args, **kwargs))
                     ref64 = _as_tuple(
                         case.reference(
@@ -94,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda")
     )
-    parser.add_argument("--backend", choices=_backends.BACKENDS, help="only this backend")
+    parser.add_argument("--backend", choices=BACKENDS, help="only this backend")
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    for s in _backends.backends().values():
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for s in backends().values():
         console.print(str(s))
     rows = run_checks(torch.device(args.device), args.backend)
     table = Table(title=f"dlcore parity vs float64 reference on {args.device}")
