@@ -264,8 +264,8 @@ class DDIMScheduler(_SchedulerBase):
         return {"alphas_cumprod": self.alphas_cumprod, "final": self.final_alpha_cumprod}
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        self.num_inference_steps = num_inference_steps
         ts = _spaced_timesteps(self.config, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(ts).to(device)
 
     def _alpha_prev(self, timestep, device) -> Tensor:
