@@ -120,7 +120,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def single_process() -> dict:
     model = _model()
-    return _train(model, slice(None), lambda loss: loss.item())
+    result = _train(model, slice(None), lambda loss: loss.item())
+    result["counts"] = model._dlcore_counts
+    return result
 
 
 def _run(mode: str, tmp_path, reference: dict) -> None:
@@ -147,6 +149,7 @@ def _require_lora() -> None:
 
 def test_single_process_reference_is_patched(single_process):
     _require_lora()
+    assert single_process["counts"].get("lora", 0) == 8, single_process["counts"]
     # Losses must move, else matching them across setups would prove nothing.
     assert single_process["losses"][0] != single_process["losses"][-1]
     assert all(g.abs().sum() > 0 for g in single_process["grads"][0].values())
