@@ -84,6 +84,15 @@ def attention_scores(
     return s.masked_fill(~visible, float("-inf"))
 
 
+def _softmax_with_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, p) over the last dim; rows with no visible key get lse = -inf and p = 0, with finite
+    gradients (the softmax runs on a zeroed row that is then masked)."""
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    return lse, torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,10 +121,7 @@ def attention_reference(
     s = attention_scores(
         q, k, bias, alibi_slopes, scale, diag_offset, window_left, window_right, softcap
     )
-    lse = torch.logsumexp(s, dim=-1)
-    # exp(s - lse) is 0 for invisible keys; rows with no visible key have lse = -inf -> make p 0.
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    p = p.masked_fill(torch.isinf(lse)[..., None], 0.0)
+    lse, p = _softmax_with_lse(s)
     if dropout_p > 0:
         if keep_mask is None:
             raise ValueError("attention_reference: dropout_p > 0 needs the keep_mask it applies")
@@ -129,10 +135,7 @@ def attention_reference(
 def attention_probs(*args, **kwargs) -> torch.Tensor:
     """Softmax probabilities (B, Hq, Lq, Lk) (0 for invisible keys), same arguments as
     ``attention_scores``; what flash-attn's ``return_attn_probs`` exposes (before dropout)."""
-    s = attention_scores(*args, **kwargs)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0))
-    return p.masked_fill(torch.isinf(lse), 0.0)
+    return _softmax_with_lse(attention_scores(*args, **kwargs))[1]
 
 
 def sdpa_reference(
