@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..backends import select, triton_kernels
+from ..backends import forced_backend, select, triton_kernels
 from ..check import Case
 from ..reference import sampler as ref
 from ..reference.sampler import PREDICTION_TYPES, VARIANCE_TYPES
@@ -53,6 +53,7 @@ from .common import FLOAT_DTYPES
 Tensor = torch.Tensor
 STATS_CHUNK = 4096  # csrc/cpu/sampler.cpp, csrc/cuda/sampler.cu and kernels/sampler.py agree
 _METHODS = {"ddim": 0, "ddpm": 1, "ddim_inversion": 2}
+_METHOD_NAMES = {v: k for k, v in _METHODS.items()}
 _LEARNED = ("learned", "learned_range")
 
 
@@ -88,6 +89,18 @@ IMPLEMENTED = _implemented()
 def implemented() -> tuple[str, ...]:
     """The backends this family implements in this build."""
     return IMPLEMENTED
+
+
+_SELECTED: dict[tuple[str | None, str], str] = {}
+
+
+def _select(method: str, device: torch.device) -> str:
+    """``backends.select``, memoised per (forced backend, device type): availability does not
+    change while the process runs, and a step is short enough for the lookup to matter."""
+    key = (forced_backend(), device.type)
+    if key not in _SELECTED:
+        _SELECTED[key] = select(f"dlcore.{method}_step", device, IMPLEMENTED)
+    return _SELECTED[key]
 
 
 # ---------------------------------------------------------------- kernel layer glue
@@ -243,8 +256,23 @@ def sampler_step_op(
     """One fused step (see the module docstring). ``uncond`` set means guidance; learned variance
     types take 2C-channel model outputs. Outputs are written in place. The backend is chosen
     here, at run time, so compiled graphs honour ``dlcore.backend``."""
-    method_name = {v: k for k, v in _METHODS.items()}[method]
-    backend = select(f"dlcore.{method_name}_step", sample.device, IMPLEMENTED)
+    backend = _select(_METHOD_NAMES[method], sample.device)
+    _sampler_step(
+        backend, sample, model_output, uncond, noise, alpha_t, alpha_prev, noise_mask, method,
+        prediction_type, variance_type, clip_mode, clip_range, threshold_ratio,
+        sample_max_value, eta, use_clipped_model_output, guidance_scale, guidance_rescale, seed,
+        noise_mode, prev_sample, pred_original_sample,
+    )  # fmt: skip
+
+
+def _sampler_step(
+    backend, sample, model_output, uncond, noise, alpha_t, alpha_prev, noise_mask, method,
+    prediction_type, variance_type, clip_mode, clip_range, threshold_ratio, sample_max_value,
+    eta, use_clipped_model_output, guidance_scale, guidance_rescale, seed, noise_mode,
+    prev_sample, pred_original_sample,
+):  # fmt: skip
+    """The op's body for a chosen backend (eager calls skip the op wrapper: see ``_step``)."""
+    method_name = _METHOD_NAMES[method]
     if backend == "eager":
         prev, x0 = _reference(
             method_name, sample, model_output, uncond, alpha_t, alpha_prev, eta=eta,
@@ -324,8 +352,8 @@ def _check_alpha(name: str, alpha, sample: Tensor, allow_zero: bool = False) -> 
             raise ValueError(f"{name} must be a floating tensor, got {alpha.dtype}")
         if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
             # Only checked where it costs no device sync.
-            bad = (alpha < 0) if allow_zero else (alpha <= 0)
-            if bool((bad | (alpha > 1) | alpha.isnan()).any()):
+            values = alpha.reshape(-1).tolist()
+            if not all((0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0 for v in values):
                 raise ValueError(f"{name} must lie in {lo}, got {alpha.tolist()}")
         alpha = alpha.to(device=sample.device, dtype=torch.float32)
         return alpha.expand(batch) if alpha.dim() == 0 else alpha
@@ -520,7 +548,8 @@ def _step(
     elif torch.compiler.is_compiling():
         eager = False
     else:
-        eager = select(f"dlcore.{method}_step", sample.device, IMPLEMENTED) == "eager"
+        backend = _select(method, sample.device)
+        eager = backend == "eager"
     if eager:
         if out is not None and _needs_grad(sample, model_output, model_output_uncond):
             raise ValueError("out= is not supported when inputs require grad")
@@ -558,7 +587,14 @@ def _step(
                         "output may only alias an input element for element"
                     )
     clip_mode = 2 if thresholding else (1 if clip_sample else 0)
-    sampler_step_op(
+    # Outside torch.compile the op wrapper's per-call bookkeeping (hundreds of microseconds) is
+    # skipped; the body is the same function.
+    step_fn = (
+        sampler_step_op
+        if torch.compiler.is_compiling()
+        else functools.partial(_sampler_step, backend)
+    )
+    step_fn(
         sample, model_output, model_output_uncond, noise_t, a_t, a_prev, noise_mask,
         _METHODS[method], pred, var, clip_mode, float(clip_sample_range),
         float(dynamic_thresholding_ratio), float(sample_max_value), float(eta),

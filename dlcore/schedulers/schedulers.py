@@ -148,8 +148,13 @@ def _spaced_timesteps(config, num_inference_steps: int) -> np.ndarray:
     )
 
 
-def _is_host_value(t) -> bool:
-    return not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+def _host_scalar(t) -> int | None:
+    """The timestep as an int when reading it costs no device sync (int or CPU 0-d tensor)."""
+    if not isinstance(t, torch.Tensor):
+        return int(t)
+    if t.device.type == "cpu" and t.dim() == 0:
+        return int(t)
+    return None
 
 
 class _SchedulerBase:
@@ -162,6 +167,7 @@ class _SchedulerBase:
         self.betas = _make_betas(self.config, self._schedules, type(self).__name__)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._alphas_list = self.alphas_cumprod.tolist()
         self.num_inference_steps: int | None = None
         n = self.config["num_train_timesteps"]
         self.timesteps = torch.from_numpy(np.arange(0, n)[::-1].copy().astype(np.int64))
@@ -197,11 +203,13 @@ class _SchedulerBase:
     def _host_tables(self) -> dict[str, Tensor]:
         return {"alphas_cumprod": self.alphas_cumprod}
 
-    def _alpha_t(self, timestep, device) -> Tensor:
-        table = self._table(device)["alphas_cumprod"]
-        if isinstance(timestep, torch.Tensor):
-            return table[timestep.to(device)]
-        return table[int(timestep)]
+    def _alpha_t(self, timestep, device) -> Tensor | float:
+        """alphas_cumprod[timestep]: a Python float for a host timestep (the float32 value
+        exactly), else a gather on the device."""
+        t = _host_scalar(timestep)
+        if t is not None:
+            return self._alphas_list[t]
+        return self._table(device)["alphas_cumprod"][timestep.to(device)]
 
     def _scaled(self, samples: Tensor, timesteps: Tensor):
         self.alphas_cumprod = self.alphas_cumprod.to(device=samples.device)
@@ -268,15 +276,18 @@ class DDIMScheduler(_SchedulerBase):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(ts).to(device)
 
-    def _alpha_prev(self, timestep, device) -> Tensor:
-        table = self._table(device)
-        prev = timestep - self.config["num_train_timesteps"] // self.num_inference_steps
-        if isinstance(prev, torch.Tensor):
-            prev = prev.to(device)
-            return torch.where(
-                prev >= 0, table["alphas_cumprod"][prev.clamp(min=0)], table["final"]
+    def _alpha_prev(self, timestep, device) -> Tensor | float:
+        offset = self.config["num_train_timesteps"] // self.num_inference_steps
+        t = _host_scalar(timestep)
+        if t is not None:
+            return (
+                self._alphas_list[t - offset]
+                if t - offset >= 0
+                else float(self.final_alpha_cumprod)
             )
-        return table["alphas_cumprod"][prev] if prev >= 0 else table["final"]
+        table = self._table(device)
+        prev = timestep.to(device) - offset
+        return torch.where(prev >= 0, table["alphas_cumprod"][prev.clamp(min=0)], table["final"])
 
     def step(
         self,
@@ -349,6 +360,7 @@ class DDPMScheduler(_SchedulerBase):
         self.custom_timesteps = False
         self.variance_type = variance_type
         self._prev = torch.arange(-1, num_train_timesteps - 1, dtype=torch.int64)
+        self._prev_list = self._prev.tolist()
 
     def _host_tables(self):
         return {"alphas_cumprod": self.alphas_cumprod, "one": self.one, "prev": self._prev}
@@ -379,6 +391,7 @@ class DDPMScheduler(_SchedulerBase):
         prev = torch.arange(-1, n - 1, dtype=torch.int64)
         prev[torch.from_numpy(ts)] = torch.from_numpy(np.append(ts[1:], -1))
         self._prev = prev
+        self._prev_list = prev.tolist()
         self._tables.clear()
 
     def previous_timestep(self, timestep):
@@ -405,25 +418,21 @@ class DDPMScheduler(_SchedulerBase):
         """diffusers' ``DDPMScheduler.step`` in one fused kernel; learned variance types take
         the 2C-channel model output. Extras as :meth:`DDIMScheduler.step`."""
         device = sample.device
-        table = self._table(device)
-        if isinstance(timestep, Tensor):
+        host_t = _host_scalar(timestep)
+        if host_t is not None:
+            prev_t = self._prev_list[host_t]
+            alpha_t = self._alphas_list[host_t]
+            alpha_prev = self._alphas_list[prev_t] if prev_t >= 0 else 1.0
+            add_noise = host_t > 0  # diffusers draws noise only when t > 0
+        else:
+            table = self._table(device)
             t = timestep.to(device)
             prev_t = table["prev"][t]
-        else:
-            t = int(timestep)
-            prev_t = int(self._prev[t])
-        alpha_t = table["alphas_cumprod"][t]
-        if isinstance(prev_t, Tensor):
+            alpha_t = table["alphas_cumprod"][t]
             alpha_prev = torch.where(
                 prev_t >= 0, table["alphas_cumprod"][prev_t.clamp(min=0)], table["one"]
             )
-        else:
-            alpha_prev = table["alphas_cumprod"][prev_t] if prev_t >= 0 else table["one"]
-        if _is_host_value(timestep) and torch.as_tensor(timestep).dim() == 0:
-            # diffusers draws noise only when t > 0; decide it here where that costs no sync.
-            add_noise = int(timestep) > 0
-        else:
-            add_noise = t > 0  # per sample, on the device
+            add_noise = t > 0  # per sample, on the device: no sync
         prev_sample, pred_original_sample = ddpm_step(
             sample, model_output, alpha_t, alpha_prev, variance_type=self.variance_type,
             noise=variance_noise, generator=generator, seed=seed, add_noise=add_noise,
