@@ -283,9 +283,12 @@ def test_opcheck(backend):
          (dy, x.detach(), w.detach(), a.detach(), bl.detach(), xa, 0.5, 0.2, 3, False,
           [True, False, True, True, True])),
         (torch.ops.dlcore.lora_linear_multi.default,
-         (xs.requires_grad_(), w2, b2, as_.requires_grad_(), bs, scal, idx.int(), False)),
+         (xs.requires_grad_(), w2, b2, as_.requires_grad_(), bs.requires_grad_(), scal,
+          idx.int(), False, True)),
+        (torch.ops.dlcore.lora_linear_multi.default,
+         (xs.detach(), w2.t(), b2, as_.detach(), bs.detach(), scal, idx.int(), True, False)),
         (torch.ops.dlcore.lora_linear_multi_backward.default,
-         (dy, xs.detach(), w2, as_.detach(), bs, scal, idx.int(), xa, False,
+         (dy, xs.detach(), w2, as_.detach(), bs.detach(), scal, idx.int(), xa, False,
           [True, True, False, True, True])),
     ]  # fmt: skip
     with dlcore.backend(backend):

@@ -114,15 +114,16 @@ def _groups(indices: torch.Tensor, n: int) -> list[tuple[int, torch.Tensor]]:
     return groups
 
 
-def _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo):
+def _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
     w = _base_t(weight, fifo)
     out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
-    xa = x.new_zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    xa = x.new_zeros(x.shape[0] if save_xa else 0, a_stack.shape[1], dtype=torch.float32)
     scales = scalings.tolist()
     for a, rows in _groups(indices, a_stack.shape[0]):
         xa_a = torch.mm(x.index_select(0, rows), a_stack[a].t())
         out.index_add_(0, rows, torch.mm(xa_a, b_stack[a].t()), alpha=scales[a])
-        xa.index_copy_(0, rows, xa_a.float())
+        if save_xa:
+            xa.index_copy_(0, rows, xa_a.float())
     return out, xa
 
 
@@ -184,10 +185,12 @@ def _bwd_eager(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs)
     return tuple(gr if need else _empty(dy) for gr, need in zip(grads, needs, strict=True))
 
 
-def _multi_fwd_eager(x, weight, bias, a_stack, b_stack, scalings, indices, fifo):
+def _multi_fwd_eager(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
     out = ref.lora_linear_multi_reference(
         x, weight, bias, a_stack, b_stack, scalings, indices, fifo
     )
+    if not save_xa:
+        return out, x.new_empty(0, a_stack.shape[1], dtype=torch.float32)
     idx = indices.to(torch.int64)
     xa = torch.einsum("mk,mrk->mr", x, a_stack[idx.clamp(min=0)]) * (idx >= 0)[:, None]
     return out, xa.float()
@@ -241,15 +244,17 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs
     return tuple(grads)
 
 
-def _multi_fwd_triton(x, weight, bias, a_stack, b_stack, scalings, indices, fifo):
+def _multi_fwd_triton(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
     if x.shape[0] == 0 or x.dtype == torch.float64:
-        return _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo)
+        return _multi_fwd_composed(
+            x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa
+        )
     out = x.new_empty(x.shape[0], weight.shape[1] if fifo else weight.shape[0])
     xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
     _kernels().lora_multi_forward(
         x, weight, bias, a_stack, b_stack, scalings, indices, fifo, out, xa
     )
-    return out, xa
+    return out, xa if save_xa else xa.new_empty(0, xa.shape[1])
 
 
 def _multi_bwd_triton(dy, x, weight, a_stack, b_stack, scalings, indices, xa, fifo, needs):
@@ -352,16 +357,18 @@ def _lora_linear_multi_op(
     scalings: torch.Tensor,
     indices: torch.Tensor,
     fan_in_fan_out: bool,
+    save_xa: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impls = {"triton": _multi_fwd_triton, "cpu": _multi_fwd_composed, "eager": _multi_fwd_eager}
-    args = (x, weight, bias, lora_A, lora_B, scalings, indices, fan_in_fan_out)
+    args = (x, weight, bias, lora_A, lora_B, scalings, indices, fan_in_fan_out, save_xa)
     return dispatch("lora_linear_multi", impls, x.device, *args)
 
 
 @_lora_linear_multi_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scalings, indices, fan_in_fan_out):
+def _(x, weight, bias, lora_A, lora_B, scalings, indices, fan_in_fan_out, save_xa):
     n = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], lora_A.shape[1], dtype=torch.float32)
+    rows = x.shape[0] if save_xa else 0
+    return x.new_empty(x.shape[0], n), x.new_empty(rows, lora_A.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("dlcore::lora_linear_multi_backward", mutates_args=())
@@ -388,7 +395,7 @@ def _(dy, x, weight, lora_A, lora_B, scalings, indices, xa, fan_in_fan_out, need
 
 
 def _setup_multi(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scalings, indices, fifo = inputs
+    x, weight, bias, lora_a, lora_b, scalings, indices, fifo, _ = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, scalings, indices, output[1])
     ctx.fifo = fifo
 
@@ -397,11 +404,11 @@ def _backward_multi(ctx, dout, dxa):
     x, weight, lora_a, lora_b, scalings, indices, xa = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if not any(needs):
-        return (None,) * 8
+        return (None,) * 9
     grads = _lora_linear_multi_backward_op(
         dout, x, weight, lora_a, lora_b, scalings, indices, xa, ctx.fifo, needs
     )
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 3
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 4
 
 
 _lora_linear_multi_op.register_autograd(_backward_multi, setup_context=_setup_multi)
@@ -535,9 +542,11 @@ def lora_linear_multi(
                 f"adapter_indices out of range: got values in [{lo}, {hi}], expected -1 (base "
                 f"only) or 0..{n - 1} for {n} adapters"
             )
+    # The (tokens, r) intermediate is kept only when backward will need it for dB.
+    save_xa = torch.is_grad_enabled() and lora_B_stack.requires_grad
     out, _ = _lora_linear_multi_op(
         x.reshape(-1, in_f), weight, bias, lora_A_stack, lora_B_stack, scal, idx,
-        bool(fan_in_fan_out),
+        bool(fan_in_fan_out), save_xa,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], out_f)
 
