@@ -24,9 +24,12 @@ import triton.language as tl
 
 from .aot import Spec
 
-# Register budget: elements of one (BLOCK_L, BLOCK_N) fp32 tile per program.
-_FWD_TILE = 2048
-_BWD_TILE = 2048
+# Elements of one (BLOCK_L, BLOCK_N) tile per program, and per thread (registers: about 20 per
+# element forward, 50 backward; sm_90 AOT reports stay at or under ~128 registers, no spills).
+_FWD_TILE = 1024
+_BWD_TILE = 1024
+_FWD_PER_THREAD = 4
+_BWD_PER_THREAD = 2
 _MAX_BLOCK_L = 64
 # The chunk size dlcore.ops.scan passes (CHUNK_SIZE); AOT_SPECS covers the tiles it dispatches.
 _OPS_CHUNK_SIZE = 64
@@ -109,17 +112,19 @@ def _forward_tile(u_row, dt_row, B_ptr, b_var_base, b_const_base, sB_n, b_var,
     a = tl.exp2(dt[:, None] * A2[None, :])
     b = (dt * u)[:, None] * Bt
     first = offs_l == 0
-    seq = _seq_index(cu_ptr, t, nseq, search_steps)
-    starts = tl.load(cu_ptr + seq, mask=m & _on(varlen, t), other=-1)
-    is_start = (t == starts) & m
     # h_{t-1} wherever it does not come from inside the tile: the carry, or a sequence's
     # initial state (zero without one).
-    h0 = tl.load(
-        h0_ptr + (seq[:, None].to(tl.int64) * dim + d) * N + offs_n[None, :],
-        mask=(is_start & _on(has_h0, t))[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    prev = tl.where(is_start[:, None], h0, tl.where(first[:, None], carry[None, :], 0.0))
+    prev = tl.where(first[:, None], carry[None, :], 0.0)
+    seq = _seq_index(cu_ptr, t, nseq, search_steps)
+    is_start = offs_l < 0
+    if varlen != 0:
+        is_start = (t == tl.load(cu_ptr + seq, mask=m, other=-1)) & m
+        h0 = tl.load(
+            h0_ptr + (seq[:, None].to(tl.int64) * dim + d) * N + offs_n[None, :],
+            mask=(is_start & _on(has_h0, t))[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        prev = tl.where(is_start[:, None], h0, prev)
     cut = (first | is_start)[:, None]
     _, h = tl.associative_scan((tl.where(cut, 0.0, a), b + a * prev), 0, _affine_combine)
     return u, x, dt, Bt, a, b, prev, cut, h, seq, is_start
@@ -209,10 +214,10 @@ def selective_scan_fwd_kernel(
 @triton.jit
 def selective_scan_bwd_kernel(
     dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, cu_ptr,
-    cs_ptr, dlast_ptr,
+    cs_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dh0_ptr, dA_part, dD_part, dbias_part,
     dim, L, N, chunk_size, nchunks, nseq, search_steps, dim_per_group, chans_per_prog,
-    progs_per_group, dpg_b, dpg_c,
+    progs_per_group, dpg_b, dpg_c, max_tiles,
     sdo_b, sdo_d, su_b, su_d, sdt_b, sdt_d, sz_b, sz_d,
     sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdB_b, sdB_g, sdB_n, sdC_b, sdC_g, sdC_n,
     b_var, c_var, has_d, has_z, has_dbias, softplus, has_h0, varlen, has_dlast,
@@ -235,6 +240,7 @@ def selective_scan_bwd_kernel(
     mask_n = offs_n < N
     first = offs_l == 0
     rmw = chans_per_prog > 1
+    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_x) * max_tiles * N
     for i in range(d_stop - d_first):
         d = d_first + i
         gb = d // dpg_b
@@ -267,19 +273,25 @@ def selective_scan_bwd_kernel(
             c_start = c * chunk_size
             c_end = tl.minimum(c_start + chunk_size, L)
             ntiles = tl.cdiv(c_end - c_start, BLOCK_L)
+            # Forward states entering each tile of the chunk, kept in this program's scratch
+            # rows: one forward pass, then the tiles in reverse.
+            tl.debug_barrier()
+            carry = tl.load(cs_ptr + (row * nchunks + c) * N + offs_n, mask=mask_n, other=0.0)
+            for s2 in range(ntiles - 1):
+                tl.store(scratch + s2 * N + offs_n, carry, mask=mask_n)
+                t = c_start + s2 * BLOCK_L + offs_l
+                _, _, _, _, _, _, _, _, hs, _, _ = _forward_tile(
+                    u_row, dt_row, B_ptr, pid_b * sB_b + gb * sB_g, d * sB_g, sB_n, b_var,
+                    h0_ptr, cu_ptr, d, dim, N, nseq, search_steps, varlen, has_h0,
+                    A2, bias, softplus, carry, t, t < c_end, offs_l, offs_n, mask_n,
+                    BLOCK_L, BLOCK_N,
+                )  # fmt: skip
+                carry = _last_row(hs, offs_l, BLOCK_L)
+            tl.store(scratch + (ntiles - 1) * N + offs_n, carry, mask=mask_n)
+            tl.debug_barrier()
             for si in range(ntiles):
                 s = ntiles - 1 - si
-                # Forward state entering tile s: replay the chunk's earlier tiles.
-                carry = tl.load(cs_ptr + (row * nchunks + c) * N + offs_n, mask=mask_n, other=0.0)
-                for s2 in range(s):
-                    t = c_start + s2 * BLOCK_L + offs_l
-                    _, _, _, _, _, _, _, _, hs, _, _ = _forward_tile(
-                        u_row, dt_row, B_ptr, pid_b * sB_b + gb * sB_g, d * sB_g, sB_n, b_var,
-                        h0_ptr, cu_ptr, d, dim, N, nseq, search_steps, varlen, has_h0,
-                        A2, bias, softplus, carry, t, t < c_end, offs_l, offs_n, mask_n,
-                        BLOCK_L, BLOCK_N,
-                    )  # fmt: skip
-                    carry = _last_row(hs, offs_l, BLOCK_L)
+                carry = tl.load(scratch + s * N + offs_n, mask=mask_n, other=0.0)
                 t = c_start + s * BLOCK_L + offs_l
                 m = t < c_end
                 u, x, dt, Bt, a, b, prev, cut, h, seq, is_start = _forward_tile(
@@ -423,8 +435,8 @@ def block_l(n: int, chunk_size: int, tile: int = _FWD_TILE) -> int:
     return min(cap, triton.next_power_of_2(chunk_size))
 
 
-def _warps(block_l_: int, block_n_: int) -> int:
-    return 4 if block_l_ * block_n_ >= 512 else 2
+def _warps(block_l_: int, block_n_: int, per_thread: int) -> int:
+    return max(1, min(16, block_l_ * block_n_ // (32 * per_thread)))
 
 
 def _bc_strides(M: torch.Tensor) -> tuple[int, int, int, int]:
@@ -486,7 +498,7 @@ def selective_scan_fwd(
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1), sBb, sBg, sBn, sCb, sCg, sCn,
         b_var, c_var, int(D is not None), int(z is not None), int(delta_bias is not None),
         int(bool(delta_softplus)), int(h0 is not None), varlen,
-        BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn),
+        BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn, _FWD_PER_THREAD),
     )  # fmt: skip
 
 
@@ -569,19 +581,22 @@ def selective_scan_bwd(
     sdC = (dC_buf.stride(0), dC_buf.stride(1), dC_buf.stride(2)) if dc_mode else (0, 0, 0)
     bn = block_n(n)
     bl = block_l(n, chunk_size, _BWD_TILE)
+    max_tiles = triton.cdiv(chunk_size, bl)
+    scratch = torch.empty(batch, nprog, max_tiles, n, dtype=f32, device=dev)
     selective_scan_bwd_kernel[(batch, nprog)](
         dout, u, delta, A, B, C, D if D is not None else dummy, zz,
         delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, cu,
-        chunk_states, dlast if dlast is not None else dummy,
+        chunk_states, dlast if dlast is not None else dummy, scratch,
         du, ddelta, dz_buf, dB_buf, dC_buf, dh0_buf, dA_part, dD_part, dbias_part,
         dim, length, n, chunk_size, nchunks, nseq, steps, dpg, chans, split, dpg_b, dpg_c,
+        max_tiles,
         dout.stride(0), dout.stride(1), u.stride(0), u.stride(1), delta.stride(0),
         delta.stride(1), zz.stride(0), zz.stride(1),
         sBb, sBg, sBn, sCb, sCg, sCn, *sdB, *sdC,
         b_var, c_var, int(D is not None), int(z is not None), int(delta_bias is not None),
         int(bool(delta_softplus)), int(h0 is not None), varlen, int(dlast is not None),
         db_mode, dc_mode,
-        BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn) * 2,
+        BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn, _BWD_PER_THREAD),
     )  # fmt: skip
     # Fixed-order sums over batch rows and channel runs (torch's reductions are deterministic).
     for fin in finish:
@@ -652,20 +667,20 @@ def _aot_specs() -> list[Spec]:
                 selective_scan_fwd_kernel,
                 _signature(selective_scan_fwd_kernel, fwd_ptrs, ("BLOCK_L", "BLOCK_N")),
                 {"BLOCK_L": bl, "BLOCK_N": bn},
-                num_warps=_warps(bl, bn),
+                num_warps=_warps(bl, bn, _FWD_PER_THREAD),
                 label=f"{name} N<={bn} L-tile {bl}",
             ))  # fmt: skip
             bwd_ptrs = {k: v for k, v in fwd_ptrs.items() if k not in ("out_ptr", "last_ptr")}
             bwd_ptrs["dout_ptr"] = io
-            for p in ("dlast_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "dB_ptr", "dC_ptr",
-                      "dh0_ptr", "dA_part", "dD_part", "dbias_part"):  # fmt: skip
+            for p in ("dlast_ptr", "scratch_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "dB_ptr",
+                      "dC_ptr", "dh0_ptr", "dA_part", "dD_part", "dbias_part"):  # fmt: skip
                 bwd_ptrs[p] = "*fp32"
             bl = block_l(n, _OPS_CHUNK_SIZE, _BWD_TILE)
             specs.append(Spec(
                 selective_scan_bwd_kernel,
                 _signature(selective_scan_bwd_kernel, bwd_ptrs, ("BLOCK_L", "BLOCK_N")),
                 {"BLOCK_L": bl, "BLOCK_N": bn},
-                num_warps=_warps(bl, bn) * 2,
+                num_warps=_warps(bl, bn, _BWD_PER_THREAD),
                 label=f"{name} N<={bn} L-tile {bl}",
             ))  # fmt: skip
             upd_ptrs = dict.fromkeys(("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"), io)
