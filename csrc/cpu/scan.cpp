@@ -70,7 +70,8 @@ template <typename T>
 inline T softplus_(T x);
 template <>
 inline float softplus_(float x) {
-  const float r = std::fmax(x, 0.0f) + log1p_unit(fast_expf(-std::fabs(x)));
+  // Written with selects rather than fmax/fabs so GCC vectorises it.
+  const float r = (x > 0.0f ? x : 0.0f) + log1p_unit(fast_expf(x > 0.0f ? -x : x));
   return x > 20.0f ? x : r;
 }
 template <>
@@ -117,12 +118,13 @@ __attribute__((always_inline)) inline void prep_impl(int64_t n, const T* delta, 
 // Steps [0, steps) of one row from state h (N values, updated in place). B and C point at the
 // first step; they advance by b_step / c_step per step (N for (L, N) rows, 0 for constant ones).
 // Writes y[i] = <C_i, h_i> when WithY and the states after each step to H[(i + 1) * N] when
-// WithH.
-template <typename T, bool WithY, bool WithH>
-__attribute__((always_inline)) inline void steps_impl(int64_t steps, int64_t N, const T* dt,
+// WithH. NC > 0 fixes N at compile time (no loop remainder: one register for N = 16 floats).
+template <typename T, bool WithY, bool WithH, int NC>
+__attribute__((always_inline)) inline void steps_impl(int64_t steps, int64_t N_, const T* dt,
                                                       const T* du, const T* A, const T* B,
                                                       int64_t b_step, const T* C, int64_t c_step,
                                                       T* h, T* y, T* H) {
+  const int64_t N = NC > 0 ? NC : N_;
   for (int64_t i = 0; i < steps; ++i) {
     const T d = dt[i], x = du[i];
     const T* b = B + i * b_step;
@@ -156,12 +158,13 @@ __attribute__((always_inline)) inline void post_impl(int64_t n, const T* y, cons
 // the state before step 0 is h0. dh carries d loss / d h_i between steps (in: after the last
 // step; out: before step 0). Accumulates dA (N), dB, dC (per step rows, or N values when the
 // step is 0), dD; writes du, dz and ddt (d loss / d dt) per step.
-template <typename T>
+template <typename T, int NC>
 __attribute__((always_inline)) inline void bwd_steps_impl(
-    int64_t steps, int64_t N, const T* dout, const T* u, const T* z, const T* dt, const T* du,
+    int64_t steps, int64_t N_, const T* dout, const T* u, const T* z, const T* dt, const T* du,
     const T* A, const T* B, int64_t b_step, const T* C, int64_t c_step, T D, bool has_D,
     const T* H, const T* h0, T* dh, T* dA, T* dB, int64_t db_step, T* dC, int64_t dc_step,
     T* dD, T* du_out, T* dz_out, T* ddt) {
+  const int64_t N = NC > 0 ? NC : N_;
   T dD_acc = 0;
   for (int64_t i = steps - 1; i >= 0; --i) {
     const T* h = H + (i + 1) * N;
@@ -202,6 +205,8 @@ __attribute__((always_inline)) inline void bwd_steps_impl(
 
 // Multiversioned entry points (the clones inline the templates above for each ISA); double
 // keeps the default build.
+// Multiversioned entry points (the clones inline the templates above for each ISA); double
+// keeps the default build. N = 16 (Mamba's default) gets its own fully unrolled variant.
 #define DLCORE_SCAN_KERNELS(T, ATTR)                                                           \
   ATTR void prep(int64_t n, const T* delta, const T* u, T bias, bool sp, T* dt, T* du,       \
                  T* dsp) {                                                                     \
@@ -209,15 +214,21 @@ __attribute__((always_inline)) inline void bwd_steps_impl(
   }                                                                                            \
   ATTR void steps_y(int64_t s, int64_t N, const T* dt, const T* du, const T* A, const T* B,  \
                     int64_t bs, const T* C, int64_t cs, T* h, T* y) {                         \
-    steps_impl<T, true, false>(s, N, dt, du, A, B, bs, C, cs, h, y, nullptr);                 \
+    if (N == 16)                                                                               \
+      steps_impl<T, true, false, 16>(s, N, dt, du, A, B, bs, C, cs, h, y, nullptr);           \
+    else                                                                                       \
+      steps_impl<T, true, false, 0>(s, N, dt, du, A, B, bs, C, cs, h, y, nullptr);            \
   }                                                                                            \
   ATTR void steps_state(int64_t s, int64_t N, const T* dt, const T* du, const T* A,          \
                         const T* B, int64_t bs, T* h) {                                        \
-    steps_impl<T, false, false>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, nullptr);           \
+    steps_impl<T, false, false, 0>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, nullptr);        \
   }                                                                                            \
   ATTR void steps_record(int64_t s, int64_t N, const T* dt, const T* du, const T* A,         \
                          const T* B, int64_t bs, T* h, T* H) {                                 \
-    steps_impl<T, false, true>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, H);                  \
+    if (N == 16)                                                                               \
+      steps_impl<T, false, true, 16>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, H);            \
+    else                                                                                       \
+      steps_impl<T, false, true, 0>(s, N, dt, du, A, B, bs, B, 0, h, nullptr, H);             \
   }                                                                                            \
   ATTR void post(int64_t n, const T* y, const T* u, T D, const T* z, T* out) {               \
     post_impl<T>(n, y, u, D, z, out);                                                          \
@@ -227,8 +238,12 @@ __attribute__((always_inline)) inline void bwd_steps_impl(
                       const T* C, int64_t cs, T D, bool hasD, const T* H, const T* h0, T* dh, \
                       T* dA, T* dB, int64_t dbs, T* dC, int64_t dcs, T* dD, T* duo, T* dzo,    \
                       T* ddt) {                                                                \
-    bwd_steps_impl<T>(s, N, dout, u, z, dt, du, A, B, bs, C, cs, D, hasD, H, h0, dh, dA, dB,   \
-                      dbs, dC, dcs, dD, duo, dzo, ddt);                                        \
+    if (N == 16)                                                                               \
+      bwd_steps_impl<T, 16>(s, N, dout, u, z, dt, du, A, B, bs, C, cs, D, hasD, H, h0, dh, dA, \
+                            dB, dbs, dC, dcs, dD, duo, dzo, ddt);                              \
+    else                                                                                       \
+      bwd_steps_impl<T, 0>(s, N, dout, u, z, dt, du, A, B, bs, C, cs, D, hasD, H, h0, dh, dA,  \
+                           dB, dbs, dC, dcs, dD, duo, dzo, ddt);                               \
   }
 
 DLCORE_SCAN_KERNELS(float, DLCORE_MULTIVERSION)

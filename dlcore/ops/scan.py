@@ -62,9 +62,10 @@ import math
 import torch
 
 from .. import _ext
-from .. import backends as _backends
+from ..backends import triton_kernels
 from ..check import Case
 from ..reference.scan import (
+    selective_scan_backward_reference,
     selective_scan_chunked_reference,
     selective_scan_reference,
     selective_state_update_reference,
@@ -82,7 +83,7 @@ _KERNEL_DTYPES = (*FLOAT_DTYPES, torch.float64)
 def _triton_launchers():
     """The Triton launchers, or None while dlcore.kernels.scan does not provide them."""
     try:
-        module = _backends.triton_kernels("scan")
+        module = triton_kernels("scan")
     except ImportError:
         return None
     names = ("selective_scan_fwd", "selective_scan_bwd", "selective_state_update")
@@ -181,19 +182,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
 
 
 def _grad_buffers(u, A, B, C, D, z, delta_bias, initial_state):
-    cd = A.dtype
-    like = functools.partial(torch.empty, dtype=cd, device=u.device)
-    none = u.new_empty(0, dtype=cd)
-    return (
-        like(u.shape),
-        like(u.shape),
-        like(A.shape),
-        like(B.shape),
-        like(C.shape),
-        like(D.shape) if D is not None else none,
-        like(z.shape) if z is not None else none,
-        like(delta_bias.shape) if delta_bias is not None else none,
-        like(initial_state.shape) if initial_state is not None else none,
+    """Gradient buffers in the compute dtype; a distinct empty (0,) tensor for each absent
+    optional input (custom op outputs may not alias each other)."""
+    inputs = (u, u, A, B, C, D, z, delta_bias, initial_state)
+    return tuple(
+        torch.empty(t.shape if t is not None else (0,), dtype=A.dtype, device=u.device)
+        for t in inputs
     )
 
 
@@ -213,23 +207,12 @@ def _bwd_kernel(name, dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_
 
 def _bwd_eager(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                softplus, chunk_size, chunks, deterministic):  # fmt: skip
-    # Autograd is switched off below a custom op's dispatch, so differentiate the reference
-    # with torch.func, which runs its own autograd layer.
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def forward(*tensors):
-        full = list(inputs)
-        for i, t in zip(present, tensors, strict=True):
-            full[i] = t
-        out, last, _ = selective_scan_chunked_reference(*full[:8], softplus, full[8], cu_seqlens)
-        return out, last
-
-    (out, last), vjp = torch.func.vjp(forward, *(inputs[i] for i in present))
-    got = iter(vjp((dout.to(out.dtype), torch.zeros_like(last) if dlast is None else dlast)))
+    grads = selective_scan_backward_reference(
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens
+    )
     return tuple(
-        next(got).to(A.dtype).contiguous() if t is not None else u.new_empty(0, dtype=A.dtype)
-        for t in inputs
+        g.to(A.dtype).contiguous() if g is not None else u.new_empty(0, dtype=A.dtype)
+        for g in grads
     )
 
 

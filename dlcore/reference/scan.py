@@ -207,3 +207,144 @@ def selective_state_update_reference(
     if z is not None:
         y = y * F.silu(z.to(wdtype))
     return y.to(x.dtype)
+
+
+def _to_layout(dM: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Per-channel gradient (batch, dim, N, L) summed back into B's or C's own layout."""
+    if M.dim() == 2:
+        return dM.sum(dim=(0, 3))
+    batch, dim, n, length = dM.shape
+    groups = 1 if M.dim() == 3 else M.shape[1]
+    summed = dM.view(batch, groups, dim // groups, n, length).sum(2)
+    return summed.squeeze(1) if M.dim() == 3 else summed
+
+
+def _steps(M: torch.Tensor, sl: slice) -> torch.Tensor:
+    """Steps ``sl`` of a per-channel B or C (constant ones have a single step)."""
+    return M if M.shape[-1] == 1 else M[..., sl]
+
+
+def _scan_backward_loop(dout, dlast, u, dt, A, B, C, h0, D, z):
+    """Adjoint of ``_scan_loop`` (plus D and the gate) for one run of steps; B, C per channel
+    (batch|1, dim, N, L|1). Returns du, ddt, dA, dB, dC (per channel), dD, dz, dh0."""
+    length = u.shape[-1]
+    hs, h = [], h0
+    for t in range(length):
+        h = (
+            torch.exp(dt[:, :, t, None] * A) * h
+            + (dt[:, :, t] * u[:, :, t])[..., None] * B[..., t if B.shape[-1] > 1 else 0]
+        )
+        hs.append(h)
+    dh = torch.zeros_like(h0) if dlast is None else dlast.clone()
+    du, ddt, dz = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(u)
+    dB = torch.zeros(*h0.shape, length, dtype=u.dtype, device=u.device)
+    dC = torch.zeros_like(dB)
+    dA = torch.zeros_like(A)
+    dD = torch.zeros(u.shape[1], dtype=u.dtype, device=u.device)
+    for t in reversed(range(length)):
+        bt = B[..., t if B.shape[-1] > 1 else 0]
+        ct = C[..., t if C.shape[-1] > 1 else 0]
+        h, hp = hs[t], hs[t - 1] if t > 0 else h0
+        g = dout[:, :, t]
+        if z is not None:
+            y = (h * ct).sum(-1) + (D * u[:, :, t] if D is not None else 0)
+            s = torch.sigmoid(z[:, :, t])
+            dz[:, :, t] = g * y * s * (1 + z[:, :, t] * (1 - s))
+            g = g * z[:, :, t] * s
+        if D is not None:
+            dD += (g * u[:, :, t]).sum(0)
+            du[:, :, t] = g * D
+        dh = dh + g[..., None] * ct
+        dC[..., t] = g[..., None] * h
+        a = torch.exp(dt[:, :, t, None] * A)
+        dB[..., t] = dh * (dt[:, :, t] * u[:, :, t])[..., None]
+        du[:, :, t] += dt[:, :, t] * (dh * bt).sum(-1)
+        ddt[:, :, t] = (dh * (A * a * hp + u[:, :, t, None] * bt)).sum(-1)
+        dA += (dh * dt[:, :, t, None] * a * hp).sum(0)
+        dh = a * dh
+    return du, ddt, dA, dB, dC, dD, dz, dh
+
+
+def selective_scan_backward_reference(
+    dout: torch.Tensor,
+    dlast_state: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The hand-written reverse scan: gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+    dinitial_state) of ``<dout, out> + <dlast_state, last_state>``, each shaped like its input
+    (None for absent inputs), in the compute dtype. The spec of the kernels' backward; the tests
+    check it against autograd through ``selective_scan_reference``."""
+    wdtype = _promote_all(
+        [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
+    )
+    batch, dim, length = u.shape
+    n = A.shape[-1]
+    uw, raw = u.to(wdtype), delta.to(wdtype)
+    if delta_bias is not None:
+        raw = raw + delta_bias.to(wdtype)[:, None]
+    dw = F.softplus(raw) if delta_softplus else raw
+    Aw = A.to(wdtype)
+    Bw, Cw = _per_channel(B, batch, dim, wdtype), _per_channel(C, batch, dim, wdtype)
+    Dw = None if D is None else D.to(wdtype)
+    zw = None if z is None else z.to(wdtype)
+    gw = dout.to(wdtype)
+    dl = None if dlast_state is None else dlast_state.to(wdtype)
+    init = None if initial_state is None else initial_state.to(wdtype)
+
+    bounds = [0, length] if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
+    parts = []
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        rows = slice(None) if cu_seqlens is None else slice(s, s + 1)
+        h0 = (
+            init[rows]
+            if init is not None
+            else torch.zeros(
+                batch if cu_seqlens is None else 1, dim, n, dtype=wdtype, device=u.device
+            )
+        )
+        sl = slice(start, end)
+
+        parts.append(
+            _scan_backward_loop(
+                gw[..., sl],
+                None if dl is None else dl[rows],
+                uw[..., sl],
+                dw[..., sl],
+                Aw,
+                _steps(Bw, sl),
+                _steps(Cw, sl),
+                h0,
+                Dw,
+                None if zw is None else zw[..., sl],
+            )  # fmt: skip
+        )
+    du = torch.cat([p[0] for p in parts], -1)
+    ddt = torch.cat([p[1] for p in parts], -1)
+    dA = sum(p[2] for p in parts)
+    dB = torch.cat([p[3] for p in parts], -1)
+    dC = torch.cat([p[4] for p in parts], -1)
+    dD = sum(p[5] for p in parts)
+    dz = torch.cat([p[6] for p in parts], -1)
+    dh0 = torch.cat([p[7] for p in parts], 0)
+    ddelta = ddt * torch.sigmoid(raw) * (raw <= 20) + ddt * (raw > 20) if delta_softplus else ddt
+    return (
+        du,
+        ddelta,
+        dA,
+        _to_layout(dB, B),
+        _to_layout(dC, C),
+        dD if D is not None else None,
+        dz if z is not None else None,
+        ddelta.sum(dim=(0, 2)) if delta_bias is not None else None,
+        dh0 if initial_state is not None else None,
+    )
