@@ -1,9 +1,12 @@
-"""Triton selective scan (kernels/scan.py) against the eager reference, in the interpreter on CPU.
+"""Triton (kernels/scan.py) and CUDA (csrc/cuda/scan.cu) selective scan against the reference.
 
-Through the public API (``dlcore.selective_scan`` with the triton backend forced): outputs, last
-state and every gradient against the reference's autograd by DESIGN.md's parity rule (float64
-reference, same-dtype reference for the tolerance). Through the launchers directly: chunk states
-for odd chunk sizes, NaN-poisoned output and gradient buffers, the deterministic backward.
+Through the public API (``dlcore.selective_scan`` with the backend forced): outputs, last state
+and every gradient against the reference's autograd by DESIGN.md's parity rule (float64
+reference, same-dtype reference for the tolerance). Through the kernel layer directly (the Triton
+launchers, or the ``torch.ops.dlcore.*_kernel`` ops of the CUDA extension, which take the same
+arguments): chunk states for odd chunk sizes, NaN-poisoned output and gradient buffers, the
+deterministic backward. On a CPU-only machine Triton runs in the interpreter and the CUDA cases
+are reported as skips.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dlcore.reference.scan import (
 from dlcore.testing import assert_parity, poison_
 
 
-@pytest.fixture(params=backends_for(DEVICE, ("triton",)))
+@pytest.fixture(params=backends_for(DEVICE, ("triton", "cuda")))
 def backend(request):
     return request.param
 
@@ -35,6 +38,19 @@ def _scan_kernels():
     from dlcore.backends import triton_kernels
 
     return triton_kernels("scan")
+
+
+def _kernel_layer(backend):
+    """(fwd, bwd, state_update) of the kernel layer for ``backend``: same arguments for both."""
+    if backend == "triton":
+        K = _scan_kernels()
+        return K.selective_scan_fwd, K.selective_scan_bwd, K.selective_state_update
+    ops = torch.ops.dlcore
+    return (
+        ops.selective_scan_fwd_kernel,
+        ops.selective_scan_bwd_kernel,
+        ops.selective_state_update_kernel,
+    )
 
 
 def make_inputs(
@@ -179,9 +195,9 @@ def test_scan_parity_slow(backend, case):
     check_scan_parity(backend, args, kwargs, dtype)
 
 
-def _launch(args, kwargs, chunk_size, deterministic, dout, dlast):
-    """Forward and backward through the launchers with NaN-filled buffers."""
-    K = _scan_kernels()
+def _launch(backend, args, kwargs, chunk_size, deterministic, dout, dlast):
+    """Forward and backward through the kernel layer with NaN-filled buffers."""
+    fwd_kernel, bwd_kernel, _ = _kernel_layer(backend)
     u, delta, A, B, C = args
     B = B.unsqueeze(1) if B.dim() == 3 else B
     C = C.unsqueeze(1) if C.dim() == 3 else C
@@ -196,13 +212,13 @@ def _launch(args, kwargs, chunk_size, deterministic, dout, dlast):
     last = poison_(u.new_empty(rows, dim, n, dtype=f32))
     chunks = poison_(u.new_empty(batch, dim, math.ceil(length / chunk_size), n, dtype=f32))
     fwd = (u, delta, A, B, C, D, z, bias, h0, cu, softplus, chunk_size)
-    K.selective_scan_fwd(*fwd, out, last, chunks)
+    fwd_kernel(*fwd, out, last, chunks)
 
     def buf(t):
         return None if t is None else poison_(u.new_empty(t.shape, dtype=f32))
 
     grads = [buf(t) for t in (u, delta, A, B, C, D, z, bias, h0)]
-    K.selective_scan_bwd(dout, *fwd, chunks, dlast, deterministic, *grads)
+    bwd_kernel(dout, *fwd, chunks, dlast, deterministic, *grads)
     return out, last, chunks, grads
 
 
@@ -222,7 +238,7 @@ def test_launchers_chunk_states_and_poisoned_buffers(backend, chunk_size, spec):
     gen = torch.Generator().manual_seed(2)
     dout = torch.randn(u.shape, generator=gen).to(DEVICE)
     dlast = torch.randn(rows, u.shape[1], A.shape[1], generator=gen).to(DEVICE)
-    out, last, chunks, grads = _launch(args, kwargs, chunk_size, False, dout, dlast)
+    out, last, chunks, grads = _launch(backend, args, kwargs, chunk_size, False, dout, dlast)
 
     ref_kwargs = {k: v for k, v in kwargs.items() if k != "return_last_state"}
     a64, kw64, named = _leaves(args, ref_kwargs, _float64)
@@ -242,14 +258,15 @@ def test_launchers_chunk_states_and_poisoned_buffers(backend, chunk_size, spec):
 def test_deterministic_backward_is_bitwise_reproducible(backend, split_target, monkeypatch):
     # Grouped B (3 channels per group) and shared variable C: the paths that add up channels.
     # A small split target makes each program loop over a run of channels (read-modify-write).
-    monkeypatch.setattr(_scan_kernels(), "_DET_SPLIT_TARGET", split_target)
+    if backend == "triton":
+        monkeypatch.setattr(_scan_kernels(), "_DET_SPLIT_TARGET", split_target)
     (args, kwargs), _ = _case(dict(shape=(1, 6, 20, 16), b_kind=2, c_kind="var", init=True))
     gen = torch.Generator().manual_seed(3)
     dout = torch.randn(args[0].shape, generator=gen).to(DEVICE)
     dlast = torch.randn(1, 6, 16, generator=gen).to(DEVICE)
-    first = _launch(args, kwargs, 8, True, dout, dlast)[3]
-    second = _launch(args, kwargs, 8, True, dout, dlast)[3]
-    atomic = _launch(args, kwargs, 8, False, dout, dlast)[3]
+    first = _launch(backend, args, kwargs, 8, True, dout, dlast)[3]
+    second = _launch(backend, args, kwargs, 8, True, dout, dlast)[3]
+    atomic = _launch(backend, args, kwargs, 8, False, dout, dlast)[3]
     for name, g1, g2, g3 in zip(GRAD_NAMES, first, second, atomic, strict=True):
         if g1 is None:
             continue
@@ -309,7 +326,7 @@ def test_state_update(backend, dtype, groups, opts):
 
 
 def test_state_update_launcher_writes_poisoned_output(backend):
-    K = _scan_kernels()
+    update_kernel = _kernel_layer(backend)[2]
     gen = torch.Generator().manual_seed(5)
     batch, dim, n = 2, 70, 5  # dim not a multiple of the channel tile
 
@@ -323,6 +340,6 @@ def test_state_update_launcher_writes_poisoned_output(backend):
     expect = selective_state_update_reference(
         expect_state, x.double(), dt.double(), A.double(), B.double(), C.double()
     )
-    K.selective_state_update(state, x, dt, A, B, C, None, None, None, False, out)
+    update_kernel(state, x, dt, A, B, C, None, None, None, False, out)
     assert_parity(out, expect, name="out")
     assert_parity(state, expect_state, name="state")
