@@ -115,7 +115,7 @@ def _eager_bwd(dout, q, k, v, bias, alibi, scale, diag, wl, wr, softcap, p, seed
     dq = torch.matmul(ds, kx) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q) * scale
     dv = torch.matmul(used.transpose(-1, -2), dout)
-    dk, dv = (t.view(b, hk, group, lk, -1).sum(2) for t in (dk, dv))
+    dk, dv = (t.view(b, hk, group, lk, t.shape[-1]).sum(2) for t in (dk, dv))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
