@@ -154,8 +154,9 @@ struct Row {
   char* x0;
 };
 
-DLCORE_MULTIVERSION void guide_tile(float* g, const float* u, int64_t n, float s, float f) {
-  for (int64_t i = 0; i < n; ++i) g[i] = (u[i] + s * (g[i] - u[i])) * f;
+DLCORE_MULTIVERSION void guide_tile(const float* c, const float* u, int64_t n, float s, float f,
+                                    float* g) {
+  for (int64_t i = 0; i < n; ++i) g[i] = (u[i] + s * (c[i] - u[i])) * f;
 }
 
 DLCORE_MULTIVERSION void x0_tile(const float* x, const float* g, int64_t n, float ax, float am,
@@ -189,35 +190,46 @@ DLCORE_MULTIVERSION void add_noise_tile(float* prev, const float* noise, const f
   }
 }
 
+// float32 inputs are read in place; other dtypes are widened into the tile buffers. Outputs go
+// through the buffers and are written once per tile, after every read of that tile, so an output
+// may alias an input element for element.
+inline const float* input_tile(const char* src, Dt dt, int64_t n, float* buf) {
+  if (dt == Dt::F32) return reinterpret_cast<const float*>(src);
+  load_tile(src, dt, n, buf);
+  return buf;
+}
+
 void step_row(const Row& r, Dt dt, int64_t esize, int64_t begin, int64_t end, uint64_t seed,
               uint64_t row_first, const Flags& f, const StepCoeffs<double>& c, float factor,
               float div, float mask) {
-  alignas(64) float xs[TILE], gs[TILE], us[TILE], ns[TILE], vs[TILE], x0[TILE], prev[TILE];
+  alignas(64) float xs[TILE], ms[TILE], gs[TILE], us[TILE], ns[TILE], vs[TILE], x0[TILE],
+      prev[TILE];
   for (int64_t t = begin; t < end; t += TILE) {
     const int64_t n = std::min(TILE, end - t);
     const int64_t off = t * esize;
-    load_tile(r.x + off, dt, n, xs);
-    load_tile(r.m + off, dt, n, gs);
+    const float* x = input_tile(r.x + off, dt, n, xs);
+    const float* g = input_tile(r.m + off, dt, n, ms);
     if (f.has_uncond) {
-      load_tile(r.u + off, dt, n, us);
-      guide_tile(gs, us, n, f.guidance_scale, factor);
+      guide_tile(g, input_tile(r.u + off, dt, n, us), n, f.guidance_scale, factor, gs);
+      g = gs;
     }
-    x0_tile(xs, gs, n, float(c.ax), float(c.am), x0);
+    x0_tile(x, g, n, float(c.ax), float(c.am), x0);
     if (f.abs_only) {
       abs_tile(x0, n);
       store_tile(x0, dt, n, r.x0 + off);
       continue;
     }
     if (f.clip || f.threshold) clamp_tile(x0, n, f.threshold ? div : f.bound, div);
-    prev_tile(x0, xs, gs, n, float(c.p0), float(c.px), float(c.pg), prev);
+    prev_tile(x0, x, g, n, float(c.p0), float(c.px), float(c.pg), prev);
     if (f.noise_mode != kNoNoise) {
+      const float* noise = ns;
       if (f.noise_mode == kNoiseTensor) {
-        load_tile(r.noise + off, dt, n, ns);
+        noise = input_tile(r.noise + off, dt, n, ns);
       } else {
         philox_randn_tile(seed, row_first + uint64_t(t), n, ns);
       }
-      if (f.sigma_mode != kSigmaFixed) load_tile(r.var + off, dt, n, vs);
-      add_noise_tile(prev, ns, vs, n, f.sigma_mode, float(c.sigma), float(c.l0), float(c.l1),
+      const float* var = f.sigma_mode != kSigmaFixed ? input_tile(r.var + off, dt, n, vs) : vs;
+      add_noise_tile(prev, noise, var, n, f.sigma_mode, float(c.sigma), float(c.l0), float(c.l1),
                      mask);
     }
     store_tile(prev, dt, n, r.prev + off);
