@@ -142,8 +142,8 @@ def lora_fused_mm_kernel(
             if pid_n == 0:
                 tl.store(
                     save_ptr + rows64[:, None] * R + offs_r[None, :],
-                    t,
-                    mask=row_ok[:, None] & r_ok[None, :] & valid,
+                    tl.where(valid, t, 0.0),
+                    mask=row_ok[:, None] & r_ok[None, :],
                 )
         q = tl.load(
             q_base + offs_r[:, None] * sqr + cols[None, :] * sqn,
@@ -273,7 +273,7 @@ def lora_matmul_tn_kernel(
         )
         if drop_r:
             keep = _keep(seed, rows, qs, Q, drop_thr)
-            rt = tl.where(keep, rt.to(tl.float32) * inv_keep, 0.0)
+            rt = tl.where(keep, rt.to(tl.float32) * inv_keep, 0.0).to(rt.dtype)
         acc = _dot(tl.trans(lt.to(dtype)), rt.to(dtype), acc, PREC)
     tl.store(
         c_ptr + ps[:, None] * scp + qs[None, :] * scq,
@@ -290,11 +290,17 @@ def _prec(dtype_name: str) -> str:
     return "ieee" if dtype_name == "fp32" else "tf32"
 
 
-def fused_config(m: int) -> dict:
-    """Tile sizes for the fused kernel: thin tiles for decode-sized batches."""
-    if m <= 16:
-        return {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 3}
-    return {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}
+GATHER_MAX_ROWS = 16  # multi-adapter batches up to this many tokens use BGMV
+
+
+def fused_config(m: int, dt: str) -> dict:
+    """Tile sizes of the fused kernel (all spill-free on sm_80/sm_90, see AOT_SPECS): thin tiles
+    for decode-sized batches; fp32 runs FMA dots (ieee), which need smaller tiles."""
+    if m <= GATHER_MAX_ROWS:
+        return {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 2 if dt == "fp32" else 3}
+    if dt == "fp32":
+        return {"BM": 32, "BN": 64, "num_warps": 8, "num_stages": 2}
+    return {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}
 
 
 def r_pad(r: int) -> int:
@@ -305,8 +311,20 @@ def t_in_loop(r: int) -> bool:
     return r_pad(r) <= R_IN_LOOP_MAX
 
 
-SHRINK_BM, SHRINK_BR, SHRINK_BK = 32, 64, 64
-TN_CONFIG = {"BP": 64, "BQ": 64, "BM": 32, "num_warps": 4, "num_stages": 2}
+SHRINK_BM, SHRINK_BR = 32, 64
+
+
+def shrink_bk(dt: str) -> int:
+    return 32 if dt == "fp32" else 64
+
+
+def tn_config(dt: str) -> dict:
+    if dt == "fp32":
+        return {"BP": 32, "BQ": 64, "BM": 16, "num_warps": 4, "num_stages": 2}
+    return {"BP": 64, "BQ": 64, "BM": 32, "num_warps": 4, "num_stages": 2}
+
+
+_DT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ---- launchers -----------------------------------------------------------------------------
@@ -359,7 +377,7 @@ def _fused(
     m, k = x.shape
     n = out.shape[1]
     dev = x.device
-    cfg = cfg or fused_config(m)
+    cfg = cfg or fused_config(m, _DT_NAMES[x.dtype])
     in_loop = t_buf is None and mode != MODE_GATHER
     inv_keep, thr = _dropout_args(p_drop)
     grid_m = n_tiles if mode == MODE_SEGMENTED else triton.cdiv(m, cfg["BM"])
@@ -398,7 +416,7 @@ def _shrink(x, p, p_strides, r, t, *, p_drop=0.0, seed=0, idx=None):
         x, p, t, idx if gather else _dummy(x.device, torch.int32),
         m, k, r, x.stride(0), x.stride(1), *p_strides,
         inv_keep, int(seed), thr, int(p_drop > 0 and not gather),
-        GATHER=gather, BM=bm, BR=SHRINK_BR, BK=BK if gather else SHRINK_BK,
+        GATHER=gather, BM=bm, BR=SHRINK_BR, BK=BK if gather else shrink_bk(_DT_NAMES[x.dtype]),
         PREC=_prec_of(x.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip
 
@@ -408,7 +426,7 @@ def _matmul_tn(lmat, rmat, c, *, scaling=1.0, p_drop=0.0, seed=0, rows=None, m=N
     m = lmat.shape[0] if m is None else m
     p_dim, q_dim = c.shape
     inv_keep, thr = _dropout_args(p_drop)
-    cfg = TN_CONFIG
+    cfg = tn_config(_DT_NAMES[c.dtype])
     grid = (triton.cdiv(p_dim, cfg["BP"]), triton.cdiv(q_dim, cfg["BQ"]))
     lora_matmul_tn_kernel[grid](
         lmat, rmat, c, rows if rows is not None else _dummy(c.device, torch.int32),
@@ -475,9 +493,9 @@ def lora_backward(
     _weight_grads(dy, x, fifo, need_w, need_b, dw, db)
 
 
-def _multi_plan(indices, n_adapters, m):
-    cfg = fused_config(m)
-    if m <= cfg["BM"]:
+def _multi_plan(indices, n_adapters, m, dtype):
+    cfg = fused_config(m, _DT_NAMES[dtype])
+    if m <= GATHER_MAX_ROWS:
         return MODE_GATHER, cfg, {}
     perm, tiles, n_tiles = segment_tiles(indices, n_adapters, cfg["BM"])
     return MODE_SEGMENTED, cfg, {"perm": perm, "tiles": tiles, "n_tiles": n_tiles}
@@ -487,7 +505,7 @@ def lora_multi_forward(x, weight, bias, a_stack, b_stack, scalings, indices, fif
     """Row m: out = x W^T + b + scalings[a] (x A[a]^T) B[a]^T with a = indices[m] (-1: none)."""
     m = x.shape[0]
     n_adapters, r = a_stack.shape[0], a_stack.shape[1]
-    mode, cfg, seg = _multi_plan(indices, n_adapters, m)
+    mode, cfg, seg = _multi_plan(indices, n_adapters, m, x.dtype)
     p_strides = (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1))
     q_strides = (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1))
     t_buf = None
@@ -511,7 +529,7 @@ def lora_multi_backward(
     p_strides = (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2))  # P = B[a]: (out, r)
     g = torch.empty(m, r, device=dy.device, dtype=torch.float32) if need_a else None
     if need_x:
-        mode, cfg, seg = _multi_plan(indices, n_adapters, m)
+        mode, cfg, seg = _multi_plan(indices, n_adapters, m, dy.dtype)
         t_buf = None
         if mode == MODE_GATHER or not t_in_loop(r):
             t_buf = g if g is not None else torch.empty(m, r, device=dy.device)
@@ -572,7 +590,7 @@ def _aot_specs() -> list[Spec]:
     specs = []
     for dt in _DTYPES:
         for m in (16, 4096):
-            cfg = fused_config(m)
+            cfg = fused_config(m, dt)
             variants = [(MODE_SINGLE, True, rp) for rp in (16, 32, 64)]
             variants += [(MODE_SEGMENTED, True, rp) for rp in (16, 32, 64)]
             variants += [(MODE_SINGLE, False, 16), (MODE_SEGMENTED, False, 16)]
@@ -614,7 +632,7 @@ def _aot_specs() -> list[Spec]:
                         "GATHER": gather,
                         "BM": 1 if gather else SHRINK_BM,
                         "BR": SHRINK_BR,
-                        "BK": BK if gather else SHRINK_BK,
+                        "BK": BK if gather else shrink_bk(dt),
                         "PREC": _prec(dt),
                     },  # fmt: skip
                     num_warps=4,
@@ -637,13 +655,13 @@ def _aot_specs() -> list[Spec]:
                     lora_matmul_tn_kernel,
                     tn_sig,
                     {
-                        "BP": TN_CONFIG["BP"],
-                        "BQ": TN_CONFIG["BQ"],
-                        "BM": TN_CONFIG["BM"],
+                        "BP": tn_config(dt)["BP"],
+                        "BQ": tn_config(dt)["BQ"],
+                        "BM": tn_config(dt)["BM"],
                         "PREC": _prec(dt),
                     },  # fmt: skip
-                    num_warps=TN_CONFIG["num_warps"],
-                    num_stages=TN_CONFIG["num_stages"],
+                    num_warps=tn_config(dt)["num_warps"],
+                    num_stages=tn_config(dt)["num_stages"],
                     label=f"{l_dt}x{r_dt}->{dt}",
                 )
             )
