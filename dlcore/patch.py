@@ -112,23 +112,19 @@ def _dlcore_attr(module: str, name: str) -> tuple[Any, str]:
     return obj, ""
 
 
-def _module_device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for p in module.parameters():
-        return p.device, p.dtype
-    for b in module.buffers():
-        return b.device, b.dtype
-    return None, None
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _cannot_run(backend: str | None, module: nn.Module) -> str:
-    """Why the pinned backend cannot run this module's tensors ("" if it can)."""
-    if backend is None:
+def _why_not(backend: str | None, module: nn.Module) -> str:
+    """Why this module's tensors cannot run on dlcore (pinned backend, dtype); "" if they can."""
+    t = next(module.parameters(), None)
+    if t is None:
         return ""
-    device, _ = _module_device_dtype(module)
-    if device is None:
-        return ""
-    why = _runs_on(backend, device)
-    return f"device: backend {backend!r} cannot run {device.type} tensors ({why})" if why else ""
+    if t.dtype not in _DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES)
+        return f"dtype: parameters are {str(t.dtype).removeprefix('torch.')}, dlcore takes {names}"
+    why = _runs_on(backend, t.device) if backend is not None else None
+    return f"device: backend {backend!r} cannot run {t.device.type} tensors ({why})" if why else ""
 
 
 class _Patcher:
@@ -159,15 +155,16 @@ class _Patcher:
         name: str,
         module: nn.Module,
         build: Callable[[nn.Module], nn.Module],
+        full: str,
     ) -> bool:
-        why = _cannot_run(self.backend, module)
+        why = _why_not(self.backend, module)
         if why:
-            self.skip(family, name, module, why)
+            self.skip(family, full, module, why)
             return False
         try:
             new = build(module)
         except _UNSUPPORTED as exc:
-            self.skip(family, name, module, f"unsupported: {exc}")
+            self.skip(family, full, module, f"unsupported: {exc}")
             return False
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name]
@@ -181,7 +178,7 @@ class _Patcher:
                 new.to_peft()  # syncs the active/disabled adapter state back into peft's layer
             setattr(parent, attr, old)
 
-        entry = PatchEntry(family, name, _qualname(module), _qualname(new))
+        entry = PatchEntry(family, full, _qualname(module), _qualname(new))
         self.replaced(entry, restore, new)
         return True
 
@@ -199,7 +196,7 @@ class _Patcher:
                         break
                     if isinstance(build, str):
                         self.skip(family, full, module, build)
-                    elif self.swap(family, modules, name, module, build):
+                    elif self.swap(family, modules, name, module, build, full):
                         swapped.append(name)
                     break
         if "attention" in self.families:
@@ -287,7 +284,7 @@ class _Patcher:
                 )
                 self.report.skipped.append(PatchEntry("attention", full, target, reason=reason))
                 continue
-            why = _cannot_run(self.backend, module)
+            why = _why_not(self.backend, module)
             if why:
                 self.report.skipped.append(PatchEntry("attention", full, target, reason=why))
                 continue
@@ -321,7 +318,7 @@ class _Patcher:
             if processor_cls is None:
                 self.skip("attention", full, old, why)
                 continue
-            reason = _cannot_run(self.backend, module)
+            reason = _why_not(self.backend, module)
             if not reason:
                 try:
                     new = processor_cls.for_attention(module, old)

@@ -437,3 +437,17 @@ def test_backend_that_cannot_run_the_device_is_a_skip():
     assert all(
         e.reason.startswith("device: backend 'cpu' cannot run meta tensors") for e in report.skipped
     )
+
+
+def test_unsupported_dtype_is_a_skip():
+    requires("nn", "LoRALinear")
+    model = lora_llama()
+    layer = model.base_model.model.model.layers[1].mlp.gate_proj
+    int8 = torch.zeros_like(layer.base_layer.weight, dtype=torch.int8)
+    layer.base_layer.weight = nn.Parameter(int8, requires_grad=False)  # a quantised base layer
+    report = dlcore.patch(model, families="lora")
+    assert report.counts() == {"lora": 9}
+    (entry,) = report.skipped
+    assert entry.name == "base_model.model.model.layers.1.mlp.gate_proj"
+    assert entry.reason.startswith("dtype: parameters are int8")
+    assert "skipped (dtype: parameters are int8" in str(report)
