@@ -617,3 +617,31 @@ def test_backend_reporting_and_cpu_registration():
     )
     assert ("cpu" in impl) == has_cpu
     assert math.isclose(ops._scale(None, 64), 0.125)
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (2, 1, 13, 17), (3, 1, 17)], ids=str)
+def test_learnable_bias_gradient(backend, shape):
+    """A float mask that requires grad (e.g. a learned relative-position bias) gets dL/dbias
+    summed over its broadcast dimensions, like torch SDPA."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = _qkv(2, 13, 17, 3, 3, 16, torch.float32, layout="bhsd")
+    bias = _rand(*shape, gen=gen)
+    dout = _rand(2, 3, 13, 16, gen=gen)
+    got = _grads_of(
+        lambda q, k, v, bias: dlcore.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+        [q, k, v, bias],
+        dout,
+    )
+
+    def reference(dtype):
+        return _grads_of(ref.sdpa_reference, cast_floats([q, k, v, bias], dtype), dout.to(dtype))
+
+    names = ("out", "dq", "dk", "dv", "dbias")
+    _assert_all(got, reference(torch.float64), reference(torch.float32), names)
+
+
+def test_learnable_bias_with_dropout_is_refused():
+    q = torch.randn(1, 2, 5, 8)
+    bias = torch.randn(5, 5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"attn_mask requires a gradient, which dlcore computes"):
+        dlcore.scaled_dot_product_attention(q, q, q, attn_mask=bias, dropout_p=0.1)

@@ -215,12 +215,28 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _bias_grad(dout, q, k, v, out, lse, bias, alibi, scale, diag, wl, wr, softcap):
+    """dL/dbias = dS = P * (dO V^T - rowsum(dO * O)) from the saved lse, in fp32. It is as large
+    as the scores, so it is only computed when the bias requires a gradient (no dropout)."""
+    q32, k32, v32, do32 = (t.float() for t in (q, k, v, dout))
+    s = ref.attention_scores(q32, k32, bias, alibi, scale, diag, wl, wr, softcap)
+    probs = torch.exp(s - lse.masked_fill(torch.isinf(lse), float("inf"))[..., None])
+    group = q.shape[1] // k.shape[1]
+    dp = torch.matmul(do32, v32.repeat_interleave(group, dim=1).transpose(-1, -2))
+    delta = (do32 * out.float()).sum(-1, keepdim=True)
+    return probs * (dp - delta)
+
+
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, alibi = ctx.saved_tensors
+    dout = last_dim_contiguous(dout)
     dq, dk, dv = attention_bwd(
-        last_dim_contiguous(dout), q, k, v, out, lse, bias, alibi, *ctx.scalars, ctx.deterministic
+        dout, q, k, v, out, lse, bias, alibi, *ctx.scalars, ctx.deterministic
     )
-    return dq, dk, dv, *([None] * 10)
+    dbias = None
+    if ctx.needs_input_grad[3]:
+        dbias = _bias_grad(dout, q, k, v, out, lse, bias, alibi, *ctx.scalars[:5])
+    return dq, dk, dv, dbias, *([None] * 9)
 
 
 attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -328,6 +344,14 @@ def _bias_4d(name: str, mask: torch.Tensor, full: tuple[int, int, int, int], q) 
     return bias.expand(full)
 
 
+def _check_bias_grad(name: str, mask, dropout_p: float) -> None:
+    if mask is not None and mask.requires_grad and dropout_p > 0 and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires a gradient, which dlcore computes only without dropout "
+            f"(got dropout_p={dropout_p}); detach it or set dropout_p=0"
+        )
+
+
 def _check_window(window_size, causal: bool) -> tuple[int, int]:
     if (
         not isinstance(window_size, (tuple, list))
@@ -428,6 +452,7 @@ def scaled_dot_product_attention(
         if query.dim() == 3 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         bias = _bias_4d("attn_mask", attn_mask, (b, hq, lq, lk), query)
+        _check_bias_grad("attn_mask", attn_mask, dropout_p)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out, _ = attention_fwd(
         q, k, v, bias, None, _scale(scale, d), 0, -1, 0 if is_causal else -1, 0.0,
@@ -477,6 +502,7 @@ def flash_attn_func(
     softcap = _check_softcap(softcap)
     alibi = _alibi(alibi_slopes, b, hq, q)
     bias = None if attn_bias is None else _bias_4d("attn_bias", attn_bias, (b, hq, lq, lk), q)
+    _check_bias_grad("attn_bias", attn_bias, dropout_p)
     qt, kt, vt = (last_dim_contiguous(t).transpose(1, 2) for t in (q, k, v))
     scale = _scale(softmax_scale, d)
     diag = lk - lq
