@@ -49,7 +49,19 @@ def _model_output(shape, variance_type, gen):
     return m
 
 
-def _check(fn, reffn, args, kwargs, dtype, backend, outputs=("prev_sample", "pred_original")):
+def _to(tree, device):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to(t, device) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _to(v, device) for k, v in tree.items()}
+    return tree
+
+
+def _check(fn, reffn, args, kwargs, dtype, backend, outputs=("prev_sample", "pred_original"),
+           device="cpu"):  # fmt: skip
+    args, kwargs = _to(args, device), _to(kwargs, device)
     args_lp = cast_floats(args, dtype)
     kwargs_lp = cast_floats(kwargs, dtype)
     ref64 = reffn(*cast_floats(args, torch.float64), **cast_floats(kwargs, torch.float64))
@@ -574,3 +586,33 @@ def test_check_parity_cases(backend):
             rlp = case.reference(*args, **kwargs)
             for g, a, b, name in zip(got, r64, rlp, case.outputs, strict=True):
                 assert_parity(g, a, b, name=f"{case.op} {case.label} {name} {dtype}")
+
+
+# ---------------------------------------------------------------- GPU (run where one is lent)
+
+GPU_BACKENDS = backends_for("cuda", ("cuda", "triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_parity(backend, dtype):
+    args, kw = _ddim_case("epsilon", "threshold", 0.6, guided=True)
+    _check(dlcore.ddim_step, ref.ddim_step, args, kw, dtype, backend, device="cuda")
+    args, kw = _ddim_case("v_prediction", "clip", 0.0, use_clipped=True)
+    _check(dlcore.ddim_step, ref.ddim_step, args, kw, dtype, backend, device="cuda")
+    for variance_type in ref.VARIANCE_TYPES:
+        args, kw = _ddpm_case(variance_type, "sample", "clip", guided=True, concat=True)
+        _check(dlcore.ddpm_step, ref.ddpm_step, args, kw, dtype, backend, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_fused_noise_is_philox(backend):
+    x = torch.zeros(3, 4, 33, 65, device="cuda")
+    with dlcore.backend(backend):
+        prev, _ = dlcore.ddpm_step(x, x, 0.5, 0.8, variance_type="fixed_large", noise="fused",
+                                   seed=99)  # fmt: skip
+    z = prev / (1 - 0.5 / 0.8) ** 0.5
+    torch.testing.assert_close(z.cpu(), ref.philox_randn(99, tuple(x.shape)), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip

@@ -160,6 +160,18 @@ def _rescale_factor(partial: Tensor, n: int, guidance_rescale: float) -> Tensor:
     return (guidance_rescale * ratio + (1.0 - guidance_rescale)).float()
 
 
+def _quantile_rows(rows: Tensor, q: float) -> Tensor:
+    """torch.quantile(rows, q, dim=1) (linear interpolation) by two selections, in float32:
+    no sort, and no 2**24-element limit."""
+    n = rows.shape[1]
+    pos = q * (n - 1)
+    below = min(int(math.floor(pos)), n - 1)
+    above = min(below + 1, n - 1)
+    lo = rows.kthvalue(below + 1, dim=1).values.float()
+    hi = rows.kthvalue(above + 1, dim=1).values.float() if above != below else lo
+    return torch.lerp(lo, hi, pos - below)
+
+
 def _kernels(backend: str):
     """(step, cfg_stats, quantile) of a kernel backend."""
     if backend == "triton":
@@ -213,8 +225,7 @@ def _run_kernels(
             threshold = torch.empty(batch, dtype=torch.float32, device=x.device)
             quantile(scratch, threshold_ratio, 1.0, sample_max_value, threshold)
         else:
-            threshold = torch.quantile(scratch.float(), threshold_ratio, dim=1)
-            threshold = threshold.clamp(min=1.0, max=sample_max_value)
+            threshold = _quantile_rows(scratch, threshold_ratio).clamp(1.0, sample_max_value)
     step(
         x, m, u, nz, variance_pred, alpha_t, alpha_prev, factor, threshold, noise_mask, method,
         prediction_type, variance_type, clip_mode, clip_range, eta, use_clipped_model_output,
@@ -682,9 +693,14 @@ def ddim_step(
     (Philox4x32-10, see ``dlcore.reference.sampler.philox_randn``), or None: the global RNG.
 
     ``out=(prev_sample, pred_original_sample)`` writes in place (``out[0]`` may be ``sample``
-    itself); nothing else full-size is allocated, except a quantile scratch where
-    ``pred_original_sample`` aliases an input, and the float copy ``torch.quantile`` makes on
-    the GPU backends, both only with ``thresholding``.
+    itself); nothing else full-size is allocated, except with ``thresholding``: a quantile
+    scratch where ``pred_original_sample`` aliases an input, and the temporaries of
+    ``torch.kthvalue`` on the GPU backends (the CPU kernel selects in per-thread rows).
+    Inputs whose samples are not contiguous are copied once; ``out`` tensors that are not are
+    written through a temporary.
+
+    Alpha values are checked to lie in (0, 1] when they are floats or CPU tensors (a CUDA tensor
+    is not read back, to keep the step free of host synchronisation).
 
     Autograd: the fused kernels have none; when an input requires grad, the call runs the
     differentiable eager reference instead (``out=`` is then refused).
