@@ -125,6 +125,27 @@ DLCORE_MULTIVERSION void gemm(int64_t M, int64_t N, int64_t K, const double* A, 
   gemm_body<double>(M, N, K, A, sam, sak, B, ldb, C, ldc, accumulate);
 }
 
+// dst[r][c] += src[r][c]. Block products are summed into the running accumulators (O, dQ, dK,
+// dV) block by block rather than chained in one FMA sequence over the whole sequence length:
+// two-level summation keeps float32 rounding error at the level of a plain matmul.
+template <typename T>
+__attribute__((always_inline)) inline void add_block_body(T* dst, int64_t ldd, const T* src,
+                                                          int64_t lds, int64_t rows,
+                                                          int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ldd + c] += src[r * lds + c];
+}
+
+DLCORE_MULTIVERSION void add_block(float* dst, int64_t ldd, const float* src, int64_t lds,
+                                   int64_t rows, int64_t cols) {
+  add_block_body(dst, ldd, src, lds, rows, cols);
+}
+
+DLCORE_MULTIVERSION void add_block(double* dst, int64_t ldd, const double* src, int64_t lds,
+                                   int64_t rows, int64_t cols) {
+  add_block_body(dst, ldd, src, lds, rows, cols);
+}
+
 // exp over a float vector: fast_expf's range reduction and polynomial written with vector
 // operations (rounding by the 1.5 * 2^23 trick), so every clone vectorises it.
 // (In place, through a reference: 64-byte vectors passed by value trip GCC's -Wpsabi.)
@@ -424,7 +445,8 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
 
   at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qbuf(kBlockQ * Dp), kt(Dp * kBlockK), vbuf(kBlockK * Dp);
-    std::vector<T> sbuf(kBlockQ * kBlockK), obuf(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<T> sbuf(kBlockQ * kBlockK), obuf(kBlockQ * Dp), pv(kBlockQ * Dp);
+    std::vector<T> m(kBlockQ), l(kBlockQ);
     std::vector<T> row_buf(kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (p.Hq * nqb), h = (task / nqb) % p.Hq, qb = task % nqb;
@@ -449,7 +471,8 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
         online_softmax(sbuf.data(), kBlockK, mq, kBlockK, m.data(), l.data(), obuf.data(), Dp,
                        Dp);
         if (p.dropout_p > 0) apply_dropout(p, sbuf.data(), mq, n, b, h, i0, j0, sbuf.data());
-        gemm(mq, Dp, n, sbuf.data(), kBlockK, 1, vbuf.data(), Dp, obuf.data(), Dp, true);
+        gemm(mq, Dp, n, sbuf.data(), kBlockK, 1, vbuf.data(), Dp, pv.data(), Dp, false);
+        add_block(obuf.data(), Dp, pv.data(), Dp, mq, Dp);
       }
       for (int64_t r = 0; r < mq; ++r) {
         const T inv = l[r] > 0 ? T(1) / l[r] : T(0);
@@ -517,7 +540,7 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
     std::vector<T> qbuf(kBlockQ * Dp), dobuf(kBlockQ * Dp);
     std::vector<T> pbuf(kBlockQ * kBlockK), pdrop(kBlockQ * kBlockK), dpbuf(kBlockQ * kBlockK);
     std::vector<T> tanh_buf(p.softcap > 0 ? kBlockQ * kBlockK : 0), row_buf(kBlockK);
-    std::vector<T> dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp);
+    std::vector<T> dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp), part(kBlockK * Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % nsplit, bhk = task / nsplit;
       const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
@@ -556,7 +579,8 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
               pd = pdrop.data();
             }
             // dV += P_drop^T dO
-            gemm(n, Dp, mq, pd, 1, kBlockK, dobuf.data(), Dp, dv_acc.data(), Dp, true);
+            gemm(n, Dp, mq, pd, 1, kBlockK, dobuf.data(), Dp, part.data(), Dp, false);
+            add_block(dv_acc.data(), Dp, part.data(), Dp, n, Dp);
             // dP = dO V^T, then dS = P * (dP_drop - Delta) [* (1 - tanh^2)]
             gemm(mq, kBlockK, Dp, dobuf.data(), Dp, 1, vt.data(), kBlockK, dpbuf.data(), kBlockK,
                  false);
@@ -578,7 +602,8 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
               softmax_grad(pbuf.data(), dpbuf.data(), kBlockK, mq, kBlockK, drow);
             }
             // dK += dS^T (scale Q); dQ += dS K (scaled at the end)
-            gemm(n, Dp, mq, dpbuf.data(), 1, kBlockK, qbuf.data(), Dp, dk_acc.data(), Dp, true);
+            gemm(n, Dp, mq, dpbuf.data(), 1, kBlockK, qbuf.data(), Dp, part.data(), Dp, false);
+            add_block(dk_acc.data(), Dp, part.data(), Dp, n, Dp);
             T* dq_rows;
             int64_t ldq;
             if (direct) {
@@ -588,7 +613,8 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
               dq_rows = dq_acc.data() + ((split * p.B * p.Hq * Lq) + row0 + i0) * Dp;
               ldq = Dp;
             }
-            gemm(mq, Dp, n, dpbuf.data(), kBlockK, 1, krow.data(), Dp, dq_rows, ldq, true);
+            gemm(mq, Dp, n, dpbuf.data(), kBlockK, 1, krow.data(), Dp, part.data(), Dp, false);
+            add_block(dq_rows, ldq, part.data(), Dp, mq, Dp);
           }
         }
         for (int64_t j = 0; j < n; ++j) {
