@@ -184,8 +184,9 @@ class LoRALinear(nn.Module):
         self._sync_peft()
         return _AdaptersDisabled(self)
 
-    def enable_adapters(self) -> None:
-        self._disabled = False
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Turn the adapters back on (``enabled=False`` turns them off, as in peft)."""
+        self._disabled = not enabled
         self._sync_peft()
 
     def _sync_peft(self) -> None:
@@ -284,7 +285,9 @@ class LoRALinear(nn.Module):
 
         with torch.set_grad_enabled(grad):
             a = torch.stack([pad(self.lora_A[n].weight, 0) for n in names])
-            b = torch.stack([pad(self.lora_B[n].weight, 1) for n in names])
+            # Stored (n, r_max, out) and handed over as the (n, out, r_max) view: the CPU path
+            # then reads all adapters as one (n * r_max, out) matrix without a copy.
+            b = torch.stack([pad(self.lora_B[n].weight, 1).t() for n in names]).transpose(1, 2)
         scal = [float(self.scaling[n]) for n in names]
         value = (names, a, b, scal)
         self._stack_cache = None if grad else (key, value)
@@ -320,7 +323,7 @@ class LoRALinear(nn.Module):
         bias = bias.to(dt) if bias is not None else None
         indices = rows.to(x.device).reshape(x.shape[:-1])
         return lora_linear_multi(
-            x.to(dt), weight, bias, a, b, scal, indices, fan_in_fan_out=self.fan_in_fan_out
+            x.to(dt), weight, bias, a, b, scal, indices, self.fan_in_fan_out, check_indices=False
         )
 
     def extra_repr(self) -> str:

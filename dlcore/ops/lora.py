@@ -114,9 +114,33 @@ def _groups(indices: torch.Tensor, n: int) -> list[tuple[int, torch.Tensor]]:
     return groups
 
 
+# Up to this many tokens the composed multi-adapter path multiplies every row by all adapters
+# (a few BLAS calls on (tokens, n * r) intermediates) instead of one group of calls per adapter.
+_DENSE_MULTI_MAX_ROWS = 16
+
+
+def _multi_lora_dense(x, out, a_stack, b_stack, scalings, indices, save_xa):
+    """out += per-row scaled low-rank update for every adapter at once; the weights of the other
+    adapters are masked out. (n * r, in) / (n * r, out) views when the stacks are laid out
+    (n, r, features), as LoRALinear builds them; copies otherwise."""
+    n, r = a_stack.shape[0], a_stack.shape[1]
+    m = x.shape[0]
+    xa_all = torch.mm(x, a_stack.reshape(n * r, -1).t()).view(m, n, r)
+    idx = indices.to(torch.int64)
+    sel = torch.nn.functional.one_hot(idx + 1, n + 1)[:, 1:].to(x.dtype) * scalings.to(x.dtype)
+    b_flat = b_stack.transpose(1, 2).reshape(n * r, -1)
+    out.addmm_((xa_all * sel[:, :, None]).view(m, n * r), b_flat)
+    if not save_xa:
+        return x.new_empty(0, r, dtype=torch.float32)
+    rows = torch.arange(m, device=x.device)
+    return (xa_all[rows, idx.clamp(min=0)] * (idx >= 0)[:, None]).float()
+
+
 def _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
     w = _base_t(weight, fifo)
     out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
+    if x.shape[0] <= _DENSE_MULTI_MAX_ROWS:
+        return out, _multi_lora_dense(x, out, a_stack, b_stack, scalings, indices, save_xa)
     xa = x.new_zeros(x.shape[0] if save_xa else 0, a_stack.shape[1], dtype=torch.float32)
     scales = scalings.tolist()
     for a, rows in _groups(indices, a_stack.shape[0]):
@@ -494,13 +518,16 @@ def lora_linear_multi(
     scalings: torch.Tensor | Sequence[float],
     adapter_indices: torch.Tensor,
     fan_in_fan_out: bool = False,
+    *,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """A batch where every token uses its own adapter (punica/vLLM style multi-LoRA).
 
     ``lora_A_stack`` (n, r_max, in) and ``lora_B_stack`` (n, out, r_max) hold n adapters
     zero-padded to the largest rank; ``scalings`` (n,); ``adapter_indices`` (x.shape[:-1] or
     tokens) picks each token's adapter, -1 = base layer only, in any order. Differentiable in x,
-    weight, bias and the stacks.
+    weight, bias and the stacks. ``check_indices=False`` skips the range check of the index
+    values (a host sync on GPU) for callers whose indices are valid by construction.
     """
     in_f, out_f = _check_linear(x, weight, bias, fan_in_fan_out)
     check_tensor("lora_A_stack", lora_A_stack, ndim=3, layout="(n_adapters, r_max, in_features)")
@@ -535,7 +562,7 @@ def lora_linear_multi(
             f"({tokens} tokens), got {tuple(adapter_indices.shape)}"
         )
     idx = adapter_indices.to(device=x.device, dtype=torch.int32).reshape(-1).contiguous()
-    if idx.numel() and not torch.compiler.is_compiling():
+    if check_indices and idx.numel() and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= n:
             raise ValueError(
