@@ -47,6 +47,8 @@ selective_state_update`` taking exactly the same arguments in the same order)::
     delta_bias/initial_state are. The reverse scan recomputes the forward states of each chunk
     from chunk_states. deterministic=True: no atomics, fixed-order reductions (bitwise identical
     runs); the ops layer sets it from the user's flag or torch.are_deterministic_algorithms_enabled.
+    The hand-written reverse scan dlcore.reference.scan.selective_scan_backward_reference is its
+    spec (the eager backend runs it; tests check it against autograd through the reference).
 
   selective_state_update_kernel(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus, out!)
     state (batch, dim, N) compute dtype, stride(-1) == 1, updated in place; x, dt, z, out

@@ -44,29 +44,31 @@ def _per_channel(M: torch.Tensor, batch: int, dim: int, wdtype: torch.dtype) -> 
     return M.to(wdtype).repeat_interleave(dim // groups, dim=1).expand(batch, dim, *M.shape[2:])
 
 
-def _scan_loop(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    h: torch.Tensor,
-    chunk_size: int = 0,
-    offset: int = 0,
-    chunk_states: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (batch, dim, L) and the final state; B, C as (batch|1, dim, N, L|1), delta discretised.
-    With ``chunk_size``, appends to ``chunk_states`` the state before every step whose packed
-    position (``offset`` + t) is a multiple of ``chunk_size``."""
+def _stepper(M: torch.Tensor, dim: int, wdtype: torch.dtype):
+    """t -> B_t (or C_t) broadcastable against the (batch, dim, N) state. Steps are stored
+    first and contiguous, and a single group broadcasts instead of being repeated per channel."""
+    if M.dim() == 2:
+        const = M.to(wdtype)[None]
+        return lambda t: const
+    steps = (M.unsqueeze(1) if M.dim() == 3 else M).to(wdtype).permute(3, 0, 1, 2).contiguous()
+    groups = steps.shape[2]
+    if groups == 1:
+        return lambda t: steps[t]
+    return lambda t: steps[t].repeat_interleave(dim // groups, dim=1)
+
+
+def _scan_loop(u, delta, A, B_at, C_at, h, offset=0, chunk_size=0, chunk_states=None):
+    """y (batch, dim, L) and the final state of steps ``offset .. offset + L`` of the packed
+    sequence (u, delta: those steps; delta discretised; B_at, C_at from ``_stepper``). With
+    ``chunk_size``, appends to ``chunk_states`` the state before every step whose packed
+    position is a multiple of ``chunk_size``."""
     ys = []
     for t in range(u.shape[-1]):
         if chunk_size and (offset + t) % chunk_size == 0:
             chunk_states.append(h)
-        bt = B[..., t if B.shape[-1] > 1 else 0]
-        ct = C[..., t if C.shape[-1] > 1 else 0]
         dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * bt * u[:, :, t, None]
-        ys.append((h * ct).sum(-1))
+        h = torch.exp(dt * A) * h + dt * B_at(offset + t) * u[:, :, t, None]
+        ys.append((h * C_at(offset + t)).sum(-1))
     return (torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)), h
 
 
@@ -101,8 +103,7 @@ def selective_scan_chunked_reference(
     if delta_softplus:
         dw = F.softplus(dw)
     Aw = A.to(wdtype)
-    Bw = _per_channel(B, batch, dim, wdtype)
-    Cw = _per_channel(C, batch, dim, wdtype)
+    B_at, C_at = _stepper(B, dim, wdtype), _stepper(C, dim, wdtype)
     n = A.shape[-1]
     states: list[torch.Tensor] = []
 
@@ -112,7 +113,7 @@ def selective_scan_chunked_reference(
             if initial_state is not None
             else torch.zeros(batch, dim, n, dtype=wdtype, device=u.device)
         )
-        y, last = _scan_loop(uw, dw, Aw, Bw, Cw, h0, chunk_size, 0, states)
+        y, last = _scan_loop(uw, dw, Aw, B_at, C_at, h0, 0, chunk_size, states)
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
         ys, lasts = [], []
@@ -122,18 +123,10 @@ def selective_scan_chunked_reference(
                 if initial_state is not None
                 else torch.zeros(1, dim, n, dtype=wdtype, device=u.device)
             )
-            sl = slice(start, end)
             ys_s, last_s = _scan_loop(
-                uw[..., sl],
-                dw[..., sl],
-                Aw,
-                Bw if Bw.shape[-1] == 1 else Bw[..., sl],
-                Cw if Cw.shape[-1] == 1 else Cw[..., sl],
-                h0,
-                chunk_size,
-                start,
+                uw[..., start:end], dw[..., start:end], Aw, B_at, C_at, h0, start, chunk_size,
                 states,
-            )
+            )  # fmt: skip
             ys.append(ys_s)
             lasts.append(last_s)
         y = torch.cat(ys, dim=-1)
