@@ -20,6 +20,13 @@ using dlcore::cpu::fast_expf;
 constexpr int64_t TILE = 256;
 constexpr int64_t CHUNK = 16384;  // elements per parallel task
 constexpr int64_t STATS_CHUNK = 4096;  // must match dlcore/ops/sampler.py
+// Below this many elements a step runs on the calling thread: waking the pool costs more.
+constexpr int64_t MIN_PARALLEL_ELEMS = 32768;
+
+// at::parallel_for grain (in jobs of job_elems elements) keeping small calls serial.
+inline int64_t grain_for(int64_t job_elems) {
+  return std::max<int64_t>(1, MIN_PARALLEL_ELEMS / std::max<int64_t>(1, job_elems));
+}
 
 enum class Dt { F32, F16, BF16 };
 
@@ -321,7 +328,7 @@ void sampler_step_cpu(const at::Tensor& sample, const at::Tensor& model_output,
   const int64_t chunks = (N + CHUNK - 1) / CHUNK;
   const float* at_ptr = alpha_t.data_ptr<float>();
   const float* ap_ptr = alpha_prev.data_ptr<float>();
-  at::parallel_for(0, B * chunks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * chunks, grain_for(std::min(N, CHUNK)), [&](int64_t lo, int64_t hi) {
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / chunks, ch = job % chunks;
       const StepCoeffs<double> c =
@@ -379,7 +386,7 @@ void sampler_cfg_stats_cpu(const at::Tensor& cond, const at::Tensor& uncond,
               "partial must be a contiguous float32 tensor of shape (", B, ", ", P, ", 4)");
   const int64_t esize = cond.element_size();
   float* out = partial.data_ptr<float>();
-  at::parallel_for(0, B * P, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * P, grain_for(std::min(N, STATS_CHUNK)), [&](int64_t lo, int64_t hi) {
     std::vector<float> c(STATS_CHUNK), u(STATS_CHUNK), g(STATS_CHUNK);
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / P, p = job % P;
@@ -405,7 +412,7 @@ void sampler_quantile_cpu(at::Tensor& scratch, double ratio, double min_value, d
   const int64_t below = std::min<int64_t>(int64_t(pos), N - 1);
   const int64_t above = std::min<int64_t>(below + 1, N - 1);
   const float weight = float(pos - double(below));
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain_for(N), [&](int64_t lo, int64_t hi) {
     std::vector<float> row(N);
     for (int64_t b = lo; b < hi; ++b) {
       load_tile(row_ptr(scratch, b), dt, N, row.data());
