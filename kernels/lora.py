@@ -34,7 +34,10 @@ from dlcore.reference.lora import dropout_threshold
 from .aot import Spec
 
 MODE_SINGLE, MODE_SEGMENTED, MODE_GATHER = 0, 1, 2
-R_IN_LOOP_MAX = 64  # larger ranks use the fp32 (tokens, r) buffer: registers stay spill-free
+# Larger ranks use the fp32 (tokens, r) buffer, so registers stay spill-free; the segmented
+# kernel carries the tile map and row permutation too, so its limit is lower.
+R_IN_LOOP_MAX = 64
+R_IN_LOOP_MAX_SEGMENTED = 32
 BK = 32
 R_CHUNK = 64  # rank chunk of the epilogue when T comes from the buffer
 
@@ -307,8 +310,8 @@ def r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def t_in_loop(r: int) -> bool:
-    return r_pad(r) <= R_IN_LOOP_MAX
+def t_in_loop(r: int, mode: int = MODE_SINGLE) -> bool:
+    return r_pad(r) <= (R_IN_LOOP_MAX_SEGMENTED if mode == MODE_SEGMENTED else R_IN_LOOP_MAX)
 
 
 SHRINK_BM, SHRINK_BR = 32, 64
@@ -509,7 +512,7 @@ def lora_multi_forward(x, weight, bias, a_stack, b_stack, scalings, indices, fif
     p_strides = (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1))
     q_strides = (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1))
     t_buf = None
-    if mode == MODE_GATHER or not t_in_loop(r):
+    if mode == MODE_GATHER or not t_in_loop(r, mode):
         _shrink(x, a_stack, p_strides, r, xa, idx=indices)
         t_buf = xa
     _fused(
@@ -531,7 +534,7 @@ def lora_multi_backward(
     if need_x:
         mode, cfg, seg = _multi_plan(indices, n_adapters, m, dy.dtype)
         t_buf = None
-        if mode == MODE_GATHER or not t_in_loop(r):
+        if mode == MODE_GATHER or not t_in_loop(r, mode):
             t_buf = g if g is not None else torch.empty(m, r, device=dy.device)
             _shrink(dy, b_stack, p_strides, r, t_buf, idx=indices)
         _fused(
@@ -592,7 +595,7 @@ def _aot_specs() -> list[Spec]:
         for m in (16, 4096):
             cfg = fused_config(m, dt)
             variants = [(MODE_SINGLE, True, rp) for rp in (16, 32, 64)]
-            variants += [(MODE_SEGMENTED, True, rp) for rp in (16, 32, 64)]
+            variants += [(MODE_SEGMENTED, True, rp) for rp in (16, 32)]
             variants += [(MODE_SINGLE, False, 16), (MODE_SEGMENTED, False, 16)]
             if m <= 16:
                 variants.append((MODE_GATHER, False, 16))
