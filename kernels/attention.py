@@ -427,8 +427,9 @@ def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
     stride_qm, stride_dom, stride_dqm, lo, a, e, hi, offs_n, offs_d, seqlen_q, D,
     bias_base, stride_bm, stride_bn, has_bias, slope, sm_scale, softcap, diag,
-    window_left, window_right, seqlen_k, seed, rng_base, rng_lk, dropout_p, atomic_dq,
+    window_left, window_right, seqlen_k, seed, rng_base, rng_lk, dropout_p,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, FEATURES: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     offs_m0 = tl.arange(0, BLOCK_M)
     # MASKED: the band-edge blocks [lo, a) and [e, hi) in one loop; else the interior [a, e).
@@ -459,7 +460,7 @@ def _bwd_dkdv_inner(
         )  # fmt: skip
         dv = _dot_acc(tl.trans(p), do, dv, IEEE)
         dk = _dot_acc(tl.trans(ds), q, dk, IEEE)
-        if atomic_dq:
+        if ATOMIC_DQ:
             dq = _dot(ds, k, IEEE)
             tl.atomic_add(
                 dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq * sm_scale, mask=mask
@@ -482,9 +483,9 @@ def attention_bwd_dkdv_kernel(
     stride_sb, stride_sh,
     H, H_K, Lq, Lk, D,
     sm_scale, diag_offset, window_left, window_right, softcap, dropout_p, seed,
-    has_bias, has_alibi, mode, atomic_dq,
+    has_bias, has_alibi, mode,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    FEATURES: tl.constexpr,
+    FEATURES: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key block, summed over the query heads of its KV group; optionally dQ by
     atomics. Lse and Delta are fp32 (B, H, Lq) or, for varlen, (H, total_q) (zero batch stride)."""
@@ -551,15 +552,15 @@ def attention_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qm,
                 stride_dom, stride_dqm, m_lo, a, e, m_hi, offs_n, offs_d, seqlen_q, D, bias_base,
                 stride_bm, stride_bn, has_bias, slope, sm_scale, softcap, diag, window_left,
-                window_right, seqlen_k, seed, rng_base, Lk, dropout_p, atomic_dq,
-                BLOCK_M, True, IEEE, FEATURES,
+                window_right, seqlen_k, seed, rng_base, Lk, dropout_p,
+                BLOCK_M, True, IEEE, FEATURES, ATOMIC_DQ,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qm,
                 stride_dom, stride_dqm, m_lo, a, e, m_hi, offs_n, offs_d, seqlen_q, D, bias_base,
                 stride_bm, stride_bn, has_bias, slope, sm_scale, softcap, diag, window_left,
-                window_right, seqlen_k, seed, rng_base, Lk, dropout_p, atomic_dq,
-                BLOCK_M, False, IEEE, FEATURES,
+                window_right, seqlen_k, seed, rng_base, Lk, dropout_p,
+                BLOCK_M, False, IEEE, FEATURES, ATOMIC_DQ,
             )  # fmt: skip
         dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + k_rows * stride_dkn
         dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + k_rows * stride_dvn
@@ -693,44 +694,63 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # smaller for the extra registers); "fp32" = exact fp32 products (small tiles, FEATURES on).
 # BLOCK_M tiles queries and BLOCK_N keys in every kernel.
 FWD_CONFIGS = {
-    ("plain", 32): [_cfg(128, 64, 4, 3)],
-    ("plain", 64): [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3)],
-    ("plain", 128): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)],
-    ("plain", 256): [_cfg(64, 64, 4, 2)],
-    ("features", 32): [_cfg(64, 64, 4, 2)],
-    ("features", 64): [_cfg(64, 64, 4, 2)],
-    ("features", 128): [_cfg(64, 64, 4, 2)],
-    ("features", 256): [_cfg(64, 32, 4, 2)],
-    ("fp32", 32): [_cfg(64, 32, 4, 2)],
-    ("fp32", 64): [_cfg(64, 32, 4, 2)],
-    ("fp32", 128): [_cfg(32, 32, 4, 2)],
-    ("fp32", 256): [_cfg(32, 32, 4, 1)],
+    ("plain", 32): [_cfg(128, 64, 8, 3)],
+    ("plain", 64): [_cfg(128, 64, 8, 3)],
+    ("plain", 128): [_cfg(128, 64, 8, 3)],
+    ("plain", 256): [_cfg(64, 32, 8, 2)],
+    ("features", 32): [_cfg(64, 64, 8, 2)],
+    ("features", 64): [_cfg(64, 64, 8, 2)],
+    ("features", 128): [_cfg(64, 32, 8, 2)],
+    ("features", 256): [_cfg(32, 32, 8, 2)],
+    ("fp32", 32): [_cfg(64, 32, 8, 2)],
+    ("fp32", 64): [_cfg(64, 32, 8, 2)],
+    ("fp32", 128): [_cfg(32, 32, 8, 2)],
+    ("fp32", 256): [_cfg(32, 32, 8, 1)],
 }
-BWD_CONFIGS = {
-    ("plain", 32): [_cfg(64, 128, 8, 2)],
-    ("plain", 64): [_cfg(64, 128, 8, 2)],
-    ("plain", 128): [_cfg(64, 64, 8, 2)],
-    ("plain", 256): [_cfg(32, 32, 4, 1)],
-    ("features", 32): [_cfg(64, 64, 4, 2)],
-    ("features", 64): [_cfg(64, 64, 4, 2)],
-    ("features", 128): [_cfg(32, 64, 4, 2)],
-    ("features", 256): [_cfg(16, 32, 4, 1)],
+# Backward tiles, sized from sm_80/sm_90 AOT reports so that dK/dV accumulators, K/V in two
+# operand layouts and the Q/dO tiles fit without spills. The dK/dV kernel with atomic dQ (the
+# nondeterministic path) needs extra registers for the dQ pointers, so it only runs up to
+# BLOCK_D 64; larger head dims always use the separate dQ kernel.
+ATOMIC_DQ_MAX_BLOCK_D = 64
+DKDV_CONFIGS = {
+    ("plain", 32): [_cfg(32, 64, 8, 2)],
+    ("plain", 64): [_cfg(32, 64, 8, 2)],
+    ("plain", 128): [_cfg(32, 64, 8, 2)],
+    ("plain", 256): [_cfg(16, 32, 8, 1)],
+    ("features", 32): [_cfg(32, 64, 8, 2)],
+    ("features", 64): [_cfg(32, 64, 8, 2)],
+    ("features", 128): [_cfg(16, 32, 8, 2)],
+    ("features", 256): [_cfg(16, 16, 8, 1)],
+    ("fp32", 32): [_cfg(32, 32, 8, 1)],
+    ("fp32", 64): [_cfg(16, 32, 8, 1)],
+    ("fp32", 128): [_cfg(16, 16, 8, 1)],
+    ("fp32", 256): [_cfg(16, 16, 8, 1)],
+}
+DQ_CONFIGS = {
+    ("plain", 32): [_cfg(64, 64, 8, 2)],
+    ("plain", 64): [_cfg(64, 64, 8, 2)],
+    ("plain", 128): [_cfg(64, 32, 8, 2)],
+    ("plain", 256): [_cfg(32, 32, 8, 1)],
+    ("features", 32): [_cfg(64, 32, 8, 2)],
+    ("features", 64): [_cfg(64, 32, 8, 2)],
+    ("features", 128): [_cfg(32, 32, 8, 2)],
+    ("features", 256): [_cfg(16, 32, 8, 1)],
     ("fp32", 32): [_cfg(32, 32, 4, 1)],
     ("fp32", 64): [_cfg(32, 32, 4, 1)],
     ("fp32", 128): [_cfg(16, 32, 4, 1)],
     ("fp32", 256): [_cfg(16, 16, 4, 1)],
 }
-# Decoding (few query rows): 16-row query tiles, long key tiles, FEATURES on, fp32 partial
-# outputs merged by the combine kernel (split-KV fills the machine when batch x heads cannot).
+# Decoding (few query rows): 16-row query tiles, FEATURES on, fp32 partial outputs merged by the
+# combine kernel (split-KV fills the machine when batch x heads cannot).
 DECODE_CONFIGS = {
-    ("features", 32): _cfg(16, 128, 4, 3),
-    ("features", 64): _cfg(16, 128, 4, 3),
-    ("features", 128): _cfg(16, 64, 4, 3),
-    ("features", 256): _cfg(16, 64, 4, 2),
-    ("fp32", 32): _cfg(16, 64, 4, 2),
-    ("fp32", 64): _cfg(16, 64, 4, 2),
-    ("fp32", 128): _cfg(16, 32, 4, 2),
-    ("fp32", 256): _cfg(16, 32, 4, 1),
+    ("features", 32): _cfg(16, 64, 4, 2),
+    ("features", 64): _cfg(16, 64, 4, 2),
+    ("features", 128): _cfg(16, 64, 8, 2),
+    ("features", 256): _cfg(16, 32, 8, 2),
+    ("fp32", 32): _cfg(16, 32, 4, 2),
+    ("fp32", 64): _cfg(16, 32, 4, 2),
+    ("fp32", 128): _cfg(16, 32, 4, 1),
+    ("fp32", 256): _cfg(16, 16, 8, 1),
 }
 # The interpreter runs one small tile so tests cross several blocks with short sequences.
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
@@ -747,8 +767,8 @@ def _tuned(kernel, configs: dict, reset=()) -> dict:
 
 
 _FWD_TUNED = _tuned(attention_fwd_kernel, FWD_CONFIGS)
-_DKDV_TUNED = _tuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, ("DQAcc",))
-_DQ_TUNED = _tuned(attention_bwd_dq_kernel, BWD_CONFIGS)
+_DKDV_TUNED = _tuned(attention_bwd_dkdv_kernel, DKDV_CONFIGS, ("DQAcc",))
+_DQ_TUNED = _tuned(attention_bwd_dq_kernel, DQ_CONFIGS)
 
 
 def _variant(dtype: torch.dtype, features: bool) -> tuple[str, bool]:
@@ -931,7 +951,7 @@ def attention_bwd(
         out, dout, delta, H, Lq, D, *_strides(out, 3), *_strides(dout, 3),
         BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=4,
     )  # fmt: skip
-    atomic = not deterministic
+    atomic = not deterministic and bd <= ATOMIC_DQ_MAX_BLOCK_D
     dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=q.device) if atomic else dummy
     seq_ptrs = (
         cu_seqlens_q if varlen else dummy_i,
@@ -952,8 +972,7 @@ def attention_bwd(
     dkdv_args = (
         q, k, v, dout, lse, delta, bias_t, alibi_t, dk, dv, dq_acc, *seq_ptrs,
         *common, *_strides(dk, 3, varlen), *_strides(dv, 3, varlen),
-        *_strides(dq_acc if atomic else dq, 3, varlen), *_strides(lse, 2, varlen),
-        *scalars, int(atomic),
+        *_strides(dq_acc if atomic else dq, 3, varlen), *_strides(lse, 2, varlen), *scalars,
     )  # fmt: skip
     dq_args = (
         q, k, v, dout, lse, delta, bias_t, alibi_t, dq, *seq_ptrs,
@@ -963,13 +982,13 @@ def attention_bwd(
     if INTERPRET:
         cfg = _config_kwargs(INTERPRET_CONFIG)
         dkdv_grid = (triton.cdiv(rows_k, cfg["BLOCK_N"]), n_seq * Hk)
-        attention_bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **const, **cfg)
+        attention_bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **const, ATOMIC_DQ=atomic, **cfg)
         if not atomic:
             dq_grid = (triton.cdiv(rows_q, cfg["BLOCK_M"]), n_seq * H)
             attention_bwd_dq_kernel[dq_grid](*dq_args, **const, **cfg)
     else:
         _DKDV_TUNED[(variant, bd)][lambda m: (triton.cdiv(rows_k, m["BLOCK_N"]), n_seq * Hk)](
-            *dkdv_args, **const
+            *dkdv_args, **const, ATOMIC_DQ=atomic
         )
         if not atomic:
             _DQ_TUNED[(variant, bd)][lambda m: (triton.cdiv(rows_q, m["BLOCK_M"]), n_seq * H)](
@@ -987,7 +1006,7 @@ _TL = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _FP32_ARGS = {"sm_scale", "softcap", "dropout_p"}
 _I32_PTRS = {"CuSeqQ", "CuSeqK", "SeqlensK", "BatchIdx"}
 _F32_PTRS = {"Bias", "Alibi", "Lse", "Delta", "DQAcc", "LsePart", "OutPart"}
-_IO_PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+_IO_PTRS = {"Q", "K", "V", "Out", "DO", "DOut", "DK", "DV", "DQ"}
 
 
 def _arg_names(kernel) -> list[str]:
@@ -1039,13 +1058,19 @@ def _aot_specs() -> list[Spec]:
     specs = []
     for kernel, table, label in (
         (attention_fwd_kernel, FWD_CONFIGS, "fwd"),
-        (attention_bwd_dkdv_kernel, BWD_CONFIGS, "dkdv"),
-        (attention_bwd_dq_kernel, BWD_CONFIGS, "dq"),
+        (attention_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
+        (attention_bwd_dq_kernel, DQ_CONFIGS, "dq"),
     ):
         for (variant, bd), cfgs in table.items():
             const = {"BLOCK_D": bd, "IEEE": variant == "fp32", "FEATURES": variant != "plain"}
-            for dtype in _dtypes(variant):
-                specs += [_spec(kernel, dtype, c, const, f"{label} {variant}") for c in cfgs]
+            extra = [{}]
+            if kernel is attention_bwd_dkdv_kernel:
+                atomic = bd <= ATOMIC_DQ_MAX_BLOCK_D
+                extra = [{"ATOMIC_DQ": False}] + ([{"ATOMIC_DQ": True}] if atomic else [])
+            for more in extra:
+                name = f"{label} {variant}" + (" atomic" if more.get("ATOMIC_DQ") else "")
+                for dtype in _dtypes(variant):
+                    specs += [_spec(kernel, dtype, c, {**const, **more}, name) for c in cfgs]
     for (variant, bd), cfg in DECODE_CONFIGS.items():
         const = {"BLOCK_D": bd, "IEEE": variant == "fp32", "FEATURES": True}
         for dtype in _dtypes(variant):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import backends_for
 
 import dlcore
+from dlcore.backends import triton_kernels
 from dlcore.ops import attention as ops
 from dlcore.reference import attention as ref
 from dlcore.testing import assert_parity, cast_floats, poison_
@@ -473,9 +474,6 @@ def test_kernel_contract_writes_every_output(impl):
     out, lse = poison_(torch.empty(b, hq, lq, d)), poison_(torch.empty(b, hq, lq))
     args = (q, k, v, None, None, 0.2, lk - lq, -1, 0, 0.0, 0.0, 0)
     if impl == "triton":
-        dlcore.backends()  # noqa: B018  (interpreter mode is set by the test session)
-        from dlcore.backends import triton_kernels
-
         triton_kernels("attention").attention_fwd(*args, out, lse)
     else:
         torch.ops.dlcore.attention_fwd_kernel(*args, out, lse)
