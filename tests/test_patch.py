@@ -231,27 +231,52 @@ def tiny_unet() -> nn.Module:
     )
 
 
-def test_diffusers_attention_processors():
+def tiny_unet2d() -> nn.Module:
+    """Unconditional UNet: self-attention with group norm and a residual inside ``Attention``."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+@pytest.mark.parametrize("unet", ["UNet2DConditionModel", "UNet2DModel"])
+def test_diffusers_attention_processors(unet):
     processor = requires("nn", "AttnProcessor")
-    ref = tiny_unet()
+    conditional = unet == "UNet2DConditionModel"
+    ref = tiny_unet() if conditional else tiny_unet2d()
     model = copy.deepcopy(ref)
-    originals = {n: m.processor for n, m in model.attn_processors.items()}
+    originals = dict(model.attn_processors)
     report = dlcore.patch(model)
     names = {e.name for e in report.replaced}
-    assert any(n.endswith("attn1") for n in names) and any(n.endswith("attn2") for n in names)
+    assert len(names) == len(originals) and report.skipped == []
+    if conditional:  # self and cross attention
+        assert any(n.endswith("attn1") for n in names) and any(n.endswith("attn2") for n in names)
     assert all(isinstance(p, processor) for p in model.attn_processors.values())
 
-    sample = torch.randn(2, 4, 8, 8)
-    text = torch.randn(2, 5, 24)
-    out = model(sample, 10, encoder_hidden_states=text).sample
-    out_ref = ref(sample, 10, encoder_hidden_states=text).sample
+    if conditional:
+        sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)
+        out = model(sample, 10, encoder_hidden_states=text).sample
+        out_ref = ref(sample, 10, encoder_hidden_states=text).sample
+    else:
+        sample = torch.randn(2, 3, 8, 8)
+        out, out_ref = model(sample, 10).sample, ref(sample, 10).sample
     torch.testing.assert_close(out, out_ref, rtol=RTOL, atol=ATOL)
     out.sum().backward()
     out_ref.sum().backward()
     assert_same_grads(model, ref)
 
+    assert dlcore.patch(model).replaced == []
     dlcore.unpatch(model)
-    assert {n: p for n, p in model.attn_processors.items()} == originals
+    restored = model.attn_processors
+    assert restored.keys() == originals.keys()
+    assert all(restored[n] is p for n, p in originals.items())
 
 
 # -- scan: transformers MambaMixer -------------------------------------------------------------
@@ -358,17 +383,7 @@ def test_full_lora_llama_patch_and_training_state_carries_over():
 @pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DDPMScheduler"])
 def test_pipeline_scheduler(scheduler_name):
     dl_cls = requires("schedulers", scheduler_name)
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+    unet = tiny_unet2d()
     scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=100)
     pipe_cls = (
         diffusers.DDIMPipeline if scheduler_name == "DDIMScheduler" else diffusers.DDPMPipeline
@@ -376,9 +391,9 @@ def test_pipeline_scheduler(scheduler_name):
     ref = pipe_cls(unet=unet, scheduler=scheduler)
     pipe = pipe_cls(unet=copy.deepcopy(unet), scheduler=copy.deepcopy(scheduler))
     original = pipe.scheduler
-    report = dlcore.patch(pipe)
+    report = dlcore.patch(pipe, families="sampler")
     assert isinstance(pipe.scheduler, dl_cls)
-    assert [e.name for e in report.replaced if e.family == "sampler"] == ["scheduler"]
+    assert [e.name for e in report.replaced] == ["scheduler"]
     assert pipe.config.scheduler[0] != "diffusers"  # the pipeline's config follows the swap
 
     def run(p):
@@ -392,7 +407,7 @@ def test_pipeline_scheduler(scheduler_name):
     torch.testing.assert_close(
         torch.from_numpy(run(pipe)), torch.from_numpy(run(ref)), rtol=1e-4, atol=1e-5
     )
-    assert dlcore.patch(pipe).replaced == []
+    assert dlcore.patch(pipe, families="sampler").replaced == []
     dlcore.unpatch(pipe)
     assert pipe.scheduler is original
     assert pipe.config.scheduler == ("diffusers", scheduler_name)
