@@ -330,3 +330,21 @@ def test_pipeline_with_dlcore_scheduler(pipeline, cls, steps, kwargs):
         assert (run() == expected).all(), "eager backend: not the same images"
     fused = run()  # default backend: the fused CPU kernel
     assert abs(fused - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", [*FUSED, "eager"])
+def test_ddpm_per_sample_timesteps_use_device_lookups(backend):
+    """A (batch,) timestep tensor takes the no-sync path (gathers, noise masked at t == 0); it
+    must agree with stepping each sample with its own host timestep."""
+    ours = DDPMScheduler(variance_type="fixed_small_log")
+    ours.set_timesteps(25)
+    gen = torch.Generator().manual_seed(7)
+    x, m, n = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(3))
+    t = ours.timesteps[[0, 12, 24]]  # the last one is t == 0: no noise
+    assert int(t[-1]) == 0
+    with dlcore.backend(backend):
+        got = ours.step(m, t, x, variance_noise=n).prev_sample
+        for i in range(3):
+            expected = ours.step(m[i : i + 1], t[i], x[i : i + 1], variance_noise=n[i : i + 1])
+            torch.testing.assert_close(got[i : i + 1], expected.prev_sample, rtol=1e-5,
+                                       atol=1e-6)  # fmt: skip
