@@ -392,7 +392,7 @@ def selective_scan_bwd_kernel(
 @triton.jit
 def selective_state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
-    dim, N, dim_per_group,
+    dim, N, dpg_b, dpg_c,
     sst_b, sst_d, sx_b, sx_d, sdt_b, sdt_d, sB_b, sB_g, sC_b, sC_g, sz_b, sz_d, so_b, so_d,
     has_d, has_z, has_dtb, softplus,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -402,14 +402,15 @@ def selective_state_update_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = d < dim
     mask = mask_d[:, None] & (offs_n < N)[None, :]
-    g = d // dim_per_group
+    gb = d // dpg_b
+    gc = d // dpg_c
     x = tl.load(x_ptr + pid_b * sx_b + d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + pid_b * sdt_b + d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
     dt += tl.load(dtb_ptr + d, mask=mask_d & _on(has_dtb, d), other=0.0)
     dt = tl.where(softplus != 0, _softplus(dt), dt)
     A = tl.load(A_ptr + d[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    Bv = tl.load(B_ptr + pid_b * sB_b + g[:, None] * sB_g + offs_n[None, :], mask=mask, other=0.0)
-    Cv = tl.load(C_ptr + pid_b * sC_b + g[:, None] * sC_g + offs_n[None, :], mask=mask, other=0.0)
+    Bv = tl.load(B_ptr + pid_b * sB_b + gb[:, None] * sB_g + offs_n[None, :], mask=mask, other=0.0)
+    Cv = tl.load(C_ptr + pid_b * sC_b + gc[:, None] * sC_g + offs_n[None, :], mask=mask, other=0.0)
     st_ptrs = state_ptr + pid_b * sst_b + d[:, None] * sst_d + offs_n[None, :]
     h = tl.load(st_ptrs, mask=mask, other=0.0)
     h = tl.exp2(dt[:, None] * A * 1.4426950408889634) * h + (dt * x)[:, None] * Bv.to(tl.float32)
@@ -624,8 +625,6 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ou
         B = B.contiguous()
     if C.stride(-1) != 1:
         C = C.contiguous()
-    if B.shape[1] != C.shape[1]:
-        raise ValueError(f"B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}")
     dummy = A
     zz = z if z is not None else x
     bd = _update_block_d(n)
@@ -633,7 +632,7 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ou
     selective_state_update_kernel[(batch, triton.cdiv(dim, bd))](
         state, x, dt, A, B, C, D if D is not None else dummy, zz,
         dt_bias if dt_bias is not None else dummy, out,
-        dim, n, dim // B.shape[1],
+        dim, n, dim // B.shape[1], dim // C.shape[1],
         state.stride(0), state.stride(1), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
         out.stride(0), out.stride(1),

@@ -290,11 +290,11 @@ def test_deterministic_flag_through_the_api(backend):
 @pytest.mark.parametrize(
     "dtype,groups,opts",
     [
-        (torch.float32, 0, dict(D=True, z=True, dt_bias=True, dt_softplus=True)),
-        (torch.float32, 2, dict()),
-        (torch.bfloat16, 3, dict(D=True, z=True, dt_bias=True, dt_softplus=True)),
+        (torch.float32, (0, 0), dict(D=True, z=True, dt_bias=True, dt_softplus=True)),
+        (torch.float32, (2, 2), dict()),
+        (torch.bfloat16, (3, 4), dict(D=True, z=True, dt_bias=True, dt_softplus=True)),
     ],
-    ids=["fp32-variable-all", "fp32-grouped-plain", "bf16-grouped-all"],
+    ids=["fp32-variable-all", "fp32-grouped-plain", "bf16-grouped-B3-C4-all"],
 )
 def test_state_update(backend, dtype, groups, opts):
     gen = torch.Generator().manual_seed(4)
@@ -306,8 +306,7 @@ def test_state_update(backend, dtype, groups, opts):
     state = rnd(batch, dim, n, dt=torch.float32)
     x, dt = rnd(batch, dim), (rnd(batch, dim).float() * 0.5).to(dtype)
     A = -torch.exp(rnd(dim, n, dt=torch.float32) * 0.5)
-    bshape = (batch, n) if groups == 0 else (batch, groups, n)
-    B, C = rnd(*bshape), rnd(*bshape)
+    B, C = (rnd(batch, n) if g == 0 else rnd(batch, g, n) for g in groups)
     kw = dict(
         D=rnd(dim, dt=torch.float32) if opts.get("D") else None,
         z=rnd(batch, dim) if opts.get("z") else None,

@@ -569,9 +569,8 @@ __global__ void __launch_bounds__(128) selective_state_update_kernel(const State
   const float xv = to_float(x[bb * p.x_b + d * p.x_d]);
   float dt = to_float(dtp[bb * p.dt_b + d * p.dt_d]) + (p.has_bias ? p.dt_bias[d] : 0.f);
   if (p.softplus) dt = softplus(dt);
-  const int g = d / p.dpg;
-  const T* Bp = static_cast<const T*>(p.B) + bb * p.B_b + g * p.B_g;
-  const T* Cp = static_cast<const T*>(p.C) + bb * p.C_b + g * p.C_g;
+  const T* Bp = static_cast<const T*>(p.B) + bb * p.B_b + (d / p.dpg_b) * p.B_g;
+  const T* Cp = static_cast<const T*>(p.C) + bb * p.C_b + (d / p.dpg_c) * p.C_g;
   float* st = p.state + bb * p.st_b + d * p.st_d;
   float y = 0.f;
   for (int n = lane; n < p.dstate; n += 32) {

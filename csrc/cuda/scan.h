@@ -53,7 +53,7 @@ struct ScanParams {
 
 struct StateUpdateParams {
   DType dtype;  // x, dt, z, out and B/C
-  int batch, dim, dstate, dpg;  // dpg: channels per B/C group
+  int batch, dim, dstate, dpg_b, dpg_c;  // channels per B / C group
   bool softplus, has_d, has_z, has_bias;
   int64_t st_b, st_d, x_b, x_d, dt_b, dt_d, z_b, z_d, out_b, out_d, B_b, B_g, C_b, C_g;
   float* state;  // N stride 1

@@ -380,8 +380,6 @@ void selective_state_update_cuda(const Tensor& state, const Tensor& x, const Ten
                 name, " must be (batch, G, N) with G dividing dim, got ", M->sizes());
     check_cuda(name, *M, state);
   }
-  TORCH_CHECK(B.size(1) == C.size(1), "B and C must have the same groups, got ", B.size(1),
-              " and ", C.size(1));
   const auto t = x.scalar_type();
   const bool same = dt.scalar_type() == t && B.scalar_type() == t && C.scalar_type() == t &&
                     (!z.has_value() || z->scalar_type() == t);
@@ -401,7 +399,8 @@ void selective_state_update_cuda(const Tensor& state, const Tensor& x, const Ten
   p.batch = batch;
   p.dim = dim;
   p.dstate = n;
-  p.dpg = dim / B.size(1);
+  p.dpg_b = dim / B.size(1);
+  p.dpg_c = dim / C.size(1);
   p.softplus = dt_softplus;
   p.has_d = D.has_value();
   p.has_z = z.has_value();
