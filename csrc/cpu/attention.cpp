@@ -528,8 +528,11 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
   const int64_t nkb = (Lk + kBlockK - 1) / kBlockK;
   const int64_t heads = p.B * p.Hk;
   const int64_t threads = at::get_num_threads();
-  const int64_t nsplit =
-      std::max<int64_t>(1, std::min<int64_t>(nkb, (4 * threads + heads - 1) / heads));
+  // Extra dQ slices cost B*Hq*Lq*Dp each: at most kSplitBudget bytes of them.
+  constexpr int64_t kSplitBudget = int64_t{64} << 20;
+  const int64_t slice_bytes = std::max<int64_t>(1, p.B * p.Hq * Lq * Dp * int64_t(sizeof(T)));
+  const int64_t nsplit = std::max<int64_t>(
+      1, std::min({nkb, (4 * threads + heads - 1) / heads, kSplitBudget / slice_bytes}));
   const bool direct = nsplit == 1 && dq.scalar_type() == c10::CppTypeToScalarType<T>::value &&
                       D == Dp;
   std::vector<T> dq_acc(direct ? 0 : nsplit * p.B * p.Hq * Lq * Dp, T(0));
