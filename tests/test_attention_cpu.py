@@ -393,3 +393,24 @@ def test_parity_long(lq, lk, causal):
     opts = {"wr": 0, "diag": lk - lq} if causal else {}
     check_case(1, 2, 1, lq, lk, 64, torch.float32, **opts)
     check_case(1, 2, 2, lq, lk, 128, torch.bfloat16, **opts)
+
+
+def test_backward_partitions_agree():
+    """One thread accumulates dQ in place (one key-block range per head); more threads than
+    heads split the key blocks into separately summed dQ slices. Both match the reference."""
+    # 4 (batch, kv head) pairs: one range each on one thread, several ranges on 2+ threads.
+    q, k, v = make_qkv(2, 4, 2, 200, 300, 64, torch.float32)
+    dout = torch.randn_like(q)
+    out, lse = run_forward(q, k, v, wr=0, diag=100)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_backward(dout, q, k, v, out, lse, wr=0, diag=100)
+    finally:
+        torch.set_num_threads(threads)
+    split = run_backward(dout, q, k, v, out, lse, wr=0, diag=100)
+    ref = reference(q, k, v, dout, torch.float64, wr=0, diag=100)
+    ref32 = reference(q, k, v, dout, torch.float32, wr=0, diag=100)
+    for name, a, b, r, r32 in zip("qkv", single, split, ref[2:], ref32[2:], strict=True):
+        assert_parity(a, r, r32, name=f"d{name} one thread")
+        assert_parity(b, r, r32, name=f"d{name} {threads} threads")
