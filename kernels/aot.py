@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,27 +94,37 @@ def family_modules() -> list[str]:
     ]
 
 
-def compile_all(families: list[str] | None = None) -> list[dict[str, Any]]:
+def _compile_one(family: str, index: int, arch: int) -> dict[str, Any]:
+    # Runs in a worker process: specs hold JIT functions, so workers look them up by index.
+    spec = importlib.import_module(f"dlcore.kernels.{family}").AOT_SPECS[index]
+    return {"family": family, **compile_spec(spec, arch)}
+
+
+def compile_all(families: list[str] | None = None, jobs: int | None = None) -> Iterator[dict]:
+    """Compile every variant for every arch on ``jobs`` processes; yields rows as they finish."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled AOT")
-    rows = []
+    work = []
     for name in families or family_modules():
         module = importlib.import_module(f"dlcore.kernels.{name}")
-        for spec in getattr(module, "AOT_SPECS", []):
-            for arch in ARCHS:
-                rows.append({"family": name, **compile_spec(spec, arch)})
-    return rows
+        work += [(name, i, arch) for i in range(len(module.AOT_SPECS)) for arch in ARCHS]
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(_compile_one, *w) for w in work]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
     parser.add_argument("--family", action="append", help="only these kernels/<family>.py")
+    parser.add_argument("--jobs", type=int, help="compile processes (default: all cores)")
     args = parser.parse_args(argv)
-    rows = compile_all(args.family)
-    for row in rows:
+    ok = True
+    for row in compile_all(args.family, args.jobs):
+        ok &= row["ok"]
         if args.json:
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
         elif row["ok"]:
             print(
                 f"{row['family']:10s} {row['kernel']:36s} {row['label']:28s} {row['arch']}  "
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['family']:10s} {row['kernel']:36s} {row['label']:28s} {row['arch']}  "
                 f"FAILED {row['error']}"
             )
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
