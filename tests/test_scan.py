@@ -133,6 +133,9 @@ CASES = [
     ((1, 3, 1000, 16), dict(b="var", c="var", cu=[0, 1, 500, 999, 1000])),
     ((1, 2, 2049, 16), dict(b=2, c=2, init=True)),
     ((2, 2, 1000, 64), dict(b="const", c="var", bias=False)),
+    # enough channels for the channel-blocked forward (16 per block, a partial tail block)
+    ((2, 40, 100, 16), dict(b=2, c="var", init=True)),
+    ((1, 64, 70, 8), dict(b="var", c=4, cu=[0, 5, 5, 64, 70], init=True)),
 ]
 
 

@@ -250,6 +250,98 @@ DLCORE_SCAN_KERNELS(float, DLCORE_MULTIVERSION)
 DLCORE_SCAN_KERNELS(double, )
 #undef DLCORE_SCAN_KERNELS
 
+// ---------------------------------------------------------------- channel-blocked forward
+// The forward for variable B/C runs kBlock channels at once, vectorised across channels: the
+// channels of a group share B_t and C_t, so the N loop broadcasts two scalars and the output
+// needs no horizontal sum. Per-chunk buffers are (step, channel) transposed.
+constexpr int64_t kBlock = 16;
+
+// dt, du, y: [steps][kBlock]; A, h: [N][kBlock]; B, C: [steps][N] (this block's group).
+template <typename T, int NC>
+__attribute__((always_inline)) inline void block_steps_impl(int64_t steps, int64_t N_,
+                                                            const T* dt, const T* du,
+                                                            const T* A, const T* B, const T* C,
+                                                            T* h, T* y) {
+  const int64_t N = NC > 0 ? NC : N_;
+  for (int64_t i = 0; i < steps; ++i) {
+    const T* dti = dt + i * kBlock;
+    const T* dui = du + i * kBlock;
+    T acc[kBlock] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      const T bn = B[i * N + n], cn = C[i * N + n];
+      const T* An = A + n * kBlock;
+      T* hn = h + n * kBlock;
+#pragma omp simd
+      for (int64_t w = 0; w < kBlock; ++w) {
+        const T v = exp_<T>(dti[w] * An[w]) * hn[w] + dui[w] * bn;
+        hn[w] = v;
+        acc[w] += v * cn;
+      }
+    }
+#pragma omp simd
+    for (int64_t w = 0; w < kBlock; ++w) y[i * kBlock + w] = acc[w];
+  }
+}
+
+// Per-channel softplus/bias over a transposed chunk: dt[i][w] from delta[i][w] + bias[w].
+template <typename T>
+__attribute__((always_inline)) inline void block_prep_impl(int64_t steps, const T* bias,
+                                                           bool softplus, T* dt, const T* u,
+                                                           T* du) {
+  for (int64_t i = 0; i < steps; ++i) {
+    T* d = dt + i * kBlock;
+    const T* ui = u + i * kBlock;
+    T* o = du + i * kBlock;
+    if (softplus) {
+#pragma omp simd
+      for (int64_t w = 0; w < kBlock; ++w) d[w] = softplus_<T>(d[w] + bias[w]);
+    } else {
+#pragma omp simd
+      for (int64_t w = 0; w < kBlock; ++w) d[w] = d[w] + bias[w];
+    }
+#pragma omp simd
+    for (int64_t w = 0; w < kBlock; ++w) o[w] = d[w] * ui[w];
+  }
+}
+
+// y[i][w] = (y + D u) * silu(z), in place.
+template <typename T>
+__attribute__((always_inline)) inline void block_post_impl(int64_t steps, const T* D,
+                                                           const T* u, const T* z, T* y) {
+  for (int64_t i = 0; i < steps; ++i) {
+    T* yi = y + i * kBlock;
+    const T* ui = u + i * kBlock;
+    if (z) {
+      const T* zi = z + i * kBlock;
+#pragma omp simd
+      for (int64_t w = 0; w < kBlock; ++w)
+        yi[w] = (yi[w] + D[w] * ui[w]) * (zi[w] * sigmoid_<T>(zi[w]));
+    } else {
+#pragma omp simd
+      for (int64_t w = 0; w < kBlock; ++w) yi[w] = yi[w] + D[w] * ui[w];
+    }
+  }
+}
+
+#define DLCORE_BLOCK_KERNELS(T, ATTR)                                                         \
+  ATTR void block_steps(int64_t s, int64_t N, const T* dt, const T* du, const T* A,         \
+                        const T* B, const T* C, T* h, T* y) {                                 \
+    if (N == 16)                                                                              \
+      block_steps_impl<T, 16>(s, N, dt, du, A, B, C, h, y);                                   \
+    else                                                                                      \
+      block_steps_impl<T, 0>(s, N, dt, du, A, B, C, h, y);                                    \
+  }                                                                                           \
+  ATTR void block_prep(int64_t s, const T* bias, bool sp, T* dt, const T* u, T* du) {       \
+    block_prep_impl<T>(s, bias, sp, dt, u, du);                                               \
+  }                                                                                           \
+  ATTR void block_post(int64_t s, const T* D, const T* u, const T* z, T* y) {               \
+    block_post_impl<T>(s, D, u, z, y);                                                        \
+  }
+
+DLCORE_BLOCK_KERNELS(float, DLCORE_MULTIVERSION)
+DLCORE_BLOCK_KERNELS(double, )
+#undef DLCORE_BLOCK_KERNELS
+
 // ---------------------------------------------------------------- problem description
 
 template <typename T>
@@ -336,6 +428,62 @@ void fwd_chunk(const Problem<T>& p, int64_t b, int64_t d, int64_t c, T* h, Scrat
 }
 
 // ---------------------------------------------------------------- forward
+// Forward of kBlock channels [d0, d0 + width) of batch row b, all in one fine group (so they
+// share B_t and C_t), over every chunk; lanes beyond width run on zeros and are not stored.
+template <typename T>
+void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out, T* last,
+               T* chunk_states, std::vector<T>& buf, std::vector<Piece>& pieces) {
+  const int64_t N = p.N, K = kBlock, L = p.L, cs = p.chunk;
+  buf.assign(5 * cs * K + 2 * N * K + 2 * K, T(0));
+  T *U = buf.data(), *DT = U + cs * K, *DU = DT + cs * K, *Z = DU + cs * K, *Y = Z + cs * K;
+  T *A = Y + cs * K, *H = A + N * K, *bias = H + N * K, *D = bias + K;
+  for (int64_t w = 0; w < width; ++w) {
+    for (int64_t n = 0; n < N; ++n) A[n * K + w] = p.A[(d0 + w) * N + n];
+    bias[w] = p.bias ? p.bias[d0 + w] : T(0);
+    D[w] = p.D ? p.D[d0 + w] : T(0);
+  }
+  auto load_state = [&](const T* src_of_lane0, int64_t stride_rows, bool zero) {
+    for (int64_t w = 0; w < width; ++w)
+      for (int64_t n = 0; n < N; ++n)
+        H[n * K + w] = zero ? T(0) : src_of_lane0[w * stride_rows + n];
+  };
+  auto store_state = [&](T* dst_lane0, int64_t stride_rows) {
+    for (int64_t w = 0; w < width; ++w)
+      for (int64_t n = 0; n < N; ++n) dst_lane0[w * stride_rows + n] = H[n * K + w];
+  };
+  auto gather = [&](const T* src, int64_t t0, int64_t steps, T* dst) {
+    for (int64_t w = 0; w < width; ++w) {
+      const T* row = src + (b * p.dim + d0 + w) * L + t0;
+      for (int64_t i = 0; i < steps; ++i) dst[i * K + w] = row[i];
+    }
+  };
+  for (int64_t c = 0; c < p.nchunks; ++c) {
+    const int64_t t0 = c * cs;
+    chunk_pieces(p, c, pieces);
+    for (const Piece& q : pieces) {
+      if (q.a == p.starts[q.s]) {
+        const T* init = p.init_row(b, q.s, d0);
+        load_state(init, N, init == nullptr);
+      }
+      if (q.a == t0)
+        store_state(chunk_states + ((b * p.dim + d0) * p.nchunks + c) * N, p.nchunks * N);
+      const int64_t n = q.b - q.a;
+      gather(p.u, q.a, n, U);
+      gather(p.delta, q.a, n, DT);
+      if (p.z) gather(p.z, q.a, n, Z);
+      block_prep(n, bias, p.softplus, DT, U, DU);
+      block_steps(n, N, DT, DU, A, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y);
+      block_post(n, D, U, p.z ? Z : nullptr, Y);
+      for (int64_t w = 0; w < width; ++w) {
+        T* row = out + (b * p.dim + d0 + w) * L + q.a;
+        for (int64_t i = 0; i < n; ++i) row[i] = Y[i * K + w];
+      }
+      if (q.b == p.ends[q.s])
+        store_state(last + (p.state_row(b, q.s) * p.dim + d0) * N, N);
+    }
+  }
+}
+
 
 template <typename T>
 void forward(const Problem<T>& p, T* out, T* last, T* chunk_states) {
@@ -348,6 +496,21 @@ void forward(const Problem<T>& p, T* out, T* last, T* chunk_states) {
         set_state(last + (p.state_row(b, s) * p.dim + d) * N, p.init_row(b, s, d), N);
   }
   const int64_t threads = at::get_num_threads();
+  const int64_t cpg = p.dim / p.GF, per_group = (cpg + kBlock - 1) / kBlock;
+  const int64_t blocks = p.batch * p.GF * per_group;
+  if (p.b_var && p.c_var && (blocks >= 2 * threads || p.nchunks < 2)) {
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<T> buf;
+      std::vector<Piece> pieces;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t j = k % per_group, g = (k / per_group) % p.GF, b = k / (per_group * p.GF);
+        const int64_t d0 = g * cpg + j * kBlock;
+        const int64_t width = std::min(kBlock, (g + 1) * cpg - d0);
+        fwd_block(p, b, d0, width, out, last, chunk_states, buf, pieces);
+      }
+    });
+    return;
+  }
   if (rows >= 2 * threads || p.nchunks < 2) {
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
       Scratch<T> w(p.chunk, N, false);
