@@ -240,6 +240,26 @@ def test_llama_generate_with_cache_matches_eager():
     assert torch.equal(generated[0], generated[1])
 
 
+def test_transformers_function_direct_call_and_refusals():
+    pytest.importorskip("transformers")
+    from transformers import AttentionInterface
+
+    assert AttentionInterface._global_mapping["dlcore"] is dnn.transformers_attention_forward
+    module = nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    out, weights = dnn.transformers_attention_forward(module, q, k, v, None, scaling=0.3)
+    # Lq < Lk causal without a mask: transformers' sdpa keeps the first Lq keys (static cache).
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :5].repeat_interleave(2, 1), v[:, :, :5].repeat_interleave(2, 1),
+        is_causal=True, scale=0.3,
+    )  # fmt: skip
+    assert weights is None
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        dnn.transformers_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers
 # ---------------------------------------------------------------------------------------------

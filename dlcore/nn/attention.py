@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from typing import Any
 
@@ -55,11 +56,10 @@ class MultiheadAttention(nn.MultiheadAttention):
                 f"from_torch expects a torch.nn.MultiheadAttention, got {type(mha).__name__}"
             )
         new = cls.__new__(cls)
-        new.__dict__.update(mha.__dict__)
-        # Own containers holding the same Parameter/Module objects.
-        new._parameters = dict(mha._parameters)
-        new._buffers = dict(mha._buffers)
-        new._modules = dict(mha._modules)
+        # Own containers (parameters, submodules, hooks) holding the same objects.
+        new.__dict__.update(
+            {k: copy.copy(v) if isinstance(v, dict) else v for k, v in mha.__dict__.items()}
+        )
         return new
 
     def forward(
@@ -207,6 +207,8 @@ def transformers_attention_forward(
     """transformers attention function (the ``sdpa_attention_forward`` calling convention):
     query (B, Hq, Lq, D), key/value (B, Hk, Lk, D) (GQA without repeating K/V), the bool mask
     of ``sdpa_mask`` or an additive float mask; returns ((B, Lq, Hq, D), None)."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("dlcore attention has no attention sinks (s_aux)")
     lq, lk = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(lq > 1 and attention_mask is None and is_causal)
