@@ -9,12 +9,14 @@ Design:
   softmax in fp32 (exp2 domain). Key blocks outside the causal/window band are skipped through the
   loop bounds; only the blocks crossing the band edges or the sequence end are masked.
 - Head dims are padded to a power of two (BLOCK_D) with masked loads.
-- Rarely used features (bias, ALiBi, softcap, dropout, windows, varlen, per-batch cache lengths)
-  are runtime branches, so one compiled variant per (dtype, BLOCK_D, tile config) covers all of
-  them and the AOT report bounds the registers of the worst case.
+- The FEATURES constexpr selects the lean kernel (no bias, ALiBi, softcap or dropout: the hot
+  path) or one where those four are runtime branches, so a single compiled variant covers every
+  combination and the AOT report bounds its registers. Windows, varlen and per-batch cache
+  lengths are runtime integers in both (cheap scalar work outside the masked blocks).
 - Backward is FA2-style: delta = rowsum(dO * O); a dK/dV kernel per key block loops over the
   query heads of its KV group (so GQA sums without atomics); dQ either in a separate kernel
-  (deterministic) or by fp32 atomics from the dK/dV kernel (faster, run-to-run nondeterministic).
+  (deterministic) or, for head dims <= 64, by fp32 atomics from the dK/dV kernel (fewer
+  recomputed products, run-to-run nondeterministic).
 """
 
 from __future__ import annotations
@@ -696,8 +698,8 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 FWD_CONFIGS = {
     ("plain", 32): [_cfg(128, 64, 8, 3)],
     ("plain", 64): [_cfg(128, 64, 8, 3)],
-    ("plain", 128): [_cfg(128, 64, 8, 3)],
-    ("plain", 256): [_cfg(64, 32, 8, 2)],
+    ("plain", 128): [_cfg(64, 64, 8, 2)],
+    ("plain", 256): [_cfg(32, 32, 8, 2)],
     ("features", 32): [_cfg(64, 64, 8, 2)],
     ("features", 64): [_cfg(64, 64, 8, 2)],
     ("features", 128): [_cfg(64, 32, 8, 2)],
@@ -714,11 +716,11 @@ FWD_CONFIGS = {
 ATOMIC_DQ_MAX_BLOCK_D = 64
 DKDV_CONFIGS = {
     ("plain", 32): [_cfg(32, 64, 8, 2)],
-    ("plain", 64): [_cfg(32, 64, 8, 2)],
+    ("plain", 64): [_cfg(32, 32, 8, 2)],
     ("plain", 128): [_cfg(32, 64, 8, 2)],
     ("plain", 256): [_cfg(16, 32, 8, 1)],
-    ("features", 32): [_cfg(32, 64, 8, 2)],
-    ("features", 64): [_cfg(32, 64, 8, 2)],
+    ("features", 32): [_cfg(16, 32, 8, 2)],
+    ("features", 64): [_cfg(16, 32, 8, 2)],
     ("features", 128): [_cfg(16, 32, 8, 2)],
     ("features", 256): [_cfg(16, 16, 8, 1)],
     ("fp32", 32): [_cfg(32, 32, 8, 1)],
@@ -755,7 +757,13 @@ DECODE_CONFIGS = {
 # The interpreter runs one small tile so tests cross several blocks with short sequences.
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 COMBINE_BLOCK_R = 16
-PRE_BLOCK_M = 64
+
+
+def _pre_block_m(bd: int) -> int:
+    # 4096-element tiles of O and dO: 32 values each per thread of 4 warps, no spills at D 256.
+    return 4096 // bd
+
+
 _TUNE_KEY = ["D", "window_left", "window_right"]
 
 
@@ -947,9 +955,10 @@ def attention_bwd(
     dummy, dummy_i = _dummy(q), _dummy(q, torch.int32)
     # Delta laid out like lse: (B, H, Lq) dense, (1, H, total_q) varlen.
     delta = torch.empty_like(lse)
-    attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PRE_BLOCK_M), B * H)](
+    pre_m = _pre_block_m(bd)
+    attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
         out, dout, delta, H, Lq, D, *_strides(out, 3), *_strides(dout, 3),
-        BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=4,
+        BLOCK_M=pre_m, BLOCK_D=bd, num_warps=4,
     )  # fmt: skip
     atomic = not deterministic and bd <= ATOMIC_DQ_MAX_BLOCK_D
     dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=q.device) if atomic else dummy
@@ -1077,15 +1086,14 @@ def _aot_specs() -> list[Spec]:
             specs.append(_spec(attention_fwd_kernel, dtype, cfg, const, "decode", torch.float32))
     for bd in (32, 64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            pre = _cfg(PRE_BLOCK_M, 1, 4, 1)
             specs.append(
                 Spec(
                     attention_bwd_preprocess_kernel,
                     _signature(
                         attention_bwd_preprocess_kernel, dtype, {"BLOCK_M": 0, "BLOCK_D": 0}
                     ),
-                    {"BLOCK_M": PRE_BLOCK_M, "BLOCK_D": bd},
-                    pre.num_warps,
+                    {"BLOCK_M": _pre_block_m(bd), "BLOCK_D": bd},
+                    4,
                     1,
                     f"preprocess {str(dtype)[6:]} d{bd}",
                 )
