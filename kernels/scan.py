@@ -53,9 +53,19 @@ def _on(flag, like):
 
 @triton.jit
 def _softplus(x):
-    # torch/mamba_ssm threshold 20; exp(x) alone below -15 keeps full precision where
-    # log(1 + exp(x)) would round to 0 (no log1p in tl).
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    # torch/mamba_ssm threshold 20. log1p(e^x) without tl.log1p: log(w) * y / (w - 1) with
+    # w = 1 + y is accurate to a few ulps (Goldberg), where log(1 + y) loses y's low bits.
+    y = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + y
+    return tl.where(x > 20.0, x, tl.where(w == 1.0, y, tl.log(w) * (y / (w - 1.0))))
+
+
+@triton.jit
+def _kahan_add(acc, err, v):
+    """acc + v with the rounding error kept in err (the sum is acc - err)."""
+    y = v - err
+    total = acc + y
+    return total, (total - acc) - y
 
 
 @triton.jit
@@ -240,7 +250,9 @@ def selective_scan_bwd_kernel(
     mask_n = offs_n < N
     first = offs_l == 0
     rmw = chans_per_prog > 1
-    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_x) * max_tiles * N
+    # This program's scratch: the states entering each tile of a chunk, then one tile of states.
+    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_x) * (max_tiles + BLOCK_L) * N
+    rows_ptr = scratch + max_tiles * N
     for i in range(d_stop - d_first):
         d = d_first + i
         gb = d // dpg_b
@@ -263,11 +275,17 @@ def selective_scan_bwd_kernel(
             other=0.0,
         )
         dh0 = tl.zeros([BLOCK_N], tl.float32)
+        # Sums over L, compensated (Kahan): thousands of fp32 terms per channel.
         acc_dA = tl.zeros([BLOCK_N], tl.float32)
         acc_dB = tl.zeros([BLOCK_N], tl.float32)
         acc_dC = tl.zeros([BLOCK_N], tl.float32)
         acc_dD = tl.zeros([BLOCK_L], tl.float32)
         acc_dbias = tl.zeros([BLOCK_L], tl.float32)
+        err_dA = tl.zeros([BLOCK_N], tl.float32)
+        err_dB = tl.zeros([BLOCK_N], tl.float32)
+        err_dC = tl.zeros([BLOCK_N], tl.float32)
+        err_dD = tl.zeros([BLOCK_L], tl.float32)
+        err_dbias = tl.zeros([BLOCK_L], tl.float32)
         for ci in range(nchunks):
             c = nchunks - 1 - ci
             c_start = c * chunk_size
@@ -299,8 +317,18 @@ def selective_scan_bwd_kernel(
                     h0_ptr, cu_ptr, d, dim, N, nseq, search_steps, varlen, has_h0,
                     A2, bias, softplus, carry, t, m, offs_l, offs_n, mask_n, BLOCK_L, BLOCK_N,
                 )  # fmt: skip
-                # a_t h_{t-1}, exact where h_{t-1} came from outside the tile.
-                ah = tl.where(cut, a * prev, h - b)
+                # h_{t-1}: the tile's states one row down (through the program's scratch rows;
+                # h_t - b_t would cancel badly), or the carry / initial state at cut rows.
+                tl.store(rows_ptr + offs_l[:, None] * N + offs_n[None, :], h,
+                         mask=mask_n[None, :])  # fmt: skip
+                tl.debug_barrier()
+                h_prev = tl.load(
+                    rows_ptr + (offs_l[:, None] - 1) * N + offs_n[None, :],
+                    mask=(offs_l > 0)[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                tl.debug_barrier()
+                ah = a * tl.where(cut, prev, h_prev)
                 Ct = _load_bc(C_ptr, pid_b * sC_b + gc * sC_g, d * sC_g, sC_n, t, m, offs_n,
                               mask_n, c_var, BLOCK_L, BLOCK_N)  # fmt: skip
                 dy = tl.load(do_row + t, mask=m, other=0.0).to(tl.float32)
@@ -348,14 +376,14 @@ def selective_scan_bwd_kernel(
                 dx = tl.where(m, tl.where(softplus != 0, ddt * _softplus_grad(x), ddt), 0.0)
                 tl.store(du_ptr + row * L + t, du, mask=m)
                 tl.store(ddelta_ptr + row * L + t, dx, mask=m)
-                acc_dA += tl.sum(gah * dt[:, None], axis=0)
-                acc_dD += dy * u
-                acc_dbias += dx
+                acc_dA, err_dA = _kahan_add(acc_dA, err_dA, tl.sum(gah * dt[:, None], axis=0))
+                acc_dD, err_dD = _kahan_add(acc_dD, err_dD, dy * u)
+                acc_dbias, err_dbias = _kahan_add(acc_dbias, err_dbias, dx)
                 dBt = gt * (dt * u)[:, None]
                 dCt = dy[:, None] * h
                 tile_mask = m[:, None] & mask_n[None, :]
                 if db_mode == 0:
-                    acc_dB += tl.sum(dBt, axis=0)
+                    acc_dB, err_dB = _kahan_add(acc_dB, err_dB, tl.sum(dBt, axis=0))
                 else:
                     p = dB_ptr + pid_b * sdB_b + dB_slot * sdB_g + offs_n[None, :] * sdB_n
                     p += t[:, None]
@@ -366,7 +394,7 @@ def selective_scan_bwd_kernel(
                             dBt += tl.load(p, mask=tile_mask, other=0.0)
                         tl.store(p, dBt, mask=tile_mask)
                 if dc_mode == 0:
-                    acc_dC += tl.sum(dCt, axis=0)
+                    acc_dC, err_dC = _kahan_add(acc_dC, err_dC, tl.sum(dCt, axis=0))
                 else:
                     p = dC_ptr + pid_b * sdC_b + dC_slot * sdC_g + offs_n[None, :] * sdC_n
                     p += t[:, None]
@@ -378,13 +406,13 @@ def selective_scan_bwd_kernel(
                         tl.store(p, dCt, mask=tile_mask)
         if varlen == 0:
             tl.store(dh0_ptr + row * N + offs_n, dh0, mask=mask_n & _on(has_h0, offs_n))
-        tl.store(dA_part + row * N + offs_n, acc_dA, mask=mask_n)
-        tl.store(dD_part + row, tl.sum(acc_dD, axis=0))
-        tl.store(dbias_part + row, tl.sum(acc_dbias, axis=0))
+        tl.store(dA_part + row * N + offs_n, acc_dA - err_dA, mask=mask_n)
+        tl.store(dD_part + row, tl.sum(acc_dD - err_dD, axis=0))
+        tl.store(dbias_part + row, tl.sum(acc_dbias - err_dbias, axis=0))
         if db_mode == 0:
-            tl.store(dB_ptr + row * N + offs_n, acc_dB, mask=mask_n)
+            tl.store(dB_ptr + row * N + offs_n, acc_dB - err_dB, mask=mask_n)
         if dc_mode == 0:
-            tl.store(dC_ptr + row * N + offs_n, acc_dC, mask=mask_n)
+            tl.store(dC_ptr + row * N + offs_n, acc_dC - err_dC, mask=mask_n)
         # The next channel of this program re-reads the dB/dC slots it just wrote.
         tl.debug_barrier()
 
@@ -583,7 +611,7 @@ def selective_scan_bwd(
     bn = block_n(n)
     bl = block_l(n, chunk_size, _BWD_TILE)
     max_tiles = triton.cdiv(chunk_size, bl)
-    scratch = torch.empty(batch, nprog, max_tiles, n, dtype=f32, device=dev)
+    scratch = torch.empty(batch, nprog, max_tiles + bl, n, dtype=f32, device=dev)
     selective_scan_bwd_kernel[(batch, nprog)](
         dout, u, delta, A, B, C, D if D is not None else dummy, zz,
         delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, cu,

@@ -118,11 +118,14 @@ def _leaves(args, kwargs, cast):
     return args, kw, named
 
 
-def _run(fn, args, kwargs, cast, dout, dlast):
+def _run(fn, args, kwargs, cast, dout, dlast, backend=None):
+    """Forward and backward of ``fn``, both under ``backend`` (the backward dispatches when
+    autograd runs it, so the forced backend must still be in force then)."""
     a, kw, named = _leaves(args, kwargs, cast)
-    out, last = fn(*a, **kw)
-    loss = (out.double() * dout.double()).sum() + (last.double() * dlast.double()).sum()
-    grads = torch.autograd.grad(loss, list(named.values()))
+    with dlcore.backend(backend):
+        out, last = fn(*a, **kw)
+        loss = (out.double() * dout.double()).sum() + (last.double() * dlast.double()).sum()
+        grads = torch.autograd.grad(loss, list(named.values()))
     return out, last, dict(zip(named, grads, strict=True))
 
 
@@ -136,11 +139,7 @@ def check_scan_parity(backend, args, kwargs, dtype):
     def same(t):
         return t
 
-    def kernel(*a, **kw):
-        with dlcore.backend(backend):
-            return dlcore.selective_scan(*a, **kw)
-
-    out, last, grads = _run(kernel, args, kwargs, same, dout, dlast)
+    out, last, grads = _run(dlcore.selective_scan, args, kwargs, same, dout, dlast, backend)
     out64, last64, grads64 = _run(selective_scan_reference, args, kwargs, _float64, dout, dlast)
     out_lp, last_lp, grads_lp = _run(selective_scan_reference, args, kwargs, same, dout, dlast)
     assert out.dtype == u.dtype and last.dtype == torch.float32
@@ -281,7 +280,7 @@ def test_deterministic_flag_through_the_api(backend):
         a, kw, named = _leaves(args, kwargs, lambda t: t)
         with dlcore.backend(backend):
             out, last = dlcore.selective_scan(*a, deterministic=True, **kw)
-        return torch.autograd.grad(out.sum() + last.sum(), list(named.values()))
+            return torch.autograd.grad(out.sum() + last.sum(), list(named.values()))
 
     for g1, g2 in zip(grads(), grads(), strict=True):
         assert torch.equal(g1, g2)
