@@ -42,6 +42,14 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e9:.3g} ns"
 
 
+def _over_base(r: dict) -> str:
+    """dlcore's (and the peer's) time as a multiple of the case's floor, when it has one."""
+    if "dlcore_over_base" not in r:
+        return ""
+    peer = f" ({r['peer']} {r['peer_over_base']:.2f}x)" if "peer_over_base" in r else ""
+    return f"{r['dlcore_over_base']:.2f}x{peer}"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
@@ -104,6 +112,10 @@ def run(args: argparse.Namespace) -> dict:
                 t = times["dlcore"]
                 row["speedup_vs_eager"] = times["eager"] / t if "eager" in times else None
                 row["speedup_vs_peer"] = times[case.peer] / t if case.peer in times else None
+                if "base" in times:  # the floor the op cannot beat, e.g. LoRA's plain nn.Linear
+                    row["dlcore_over_base"] = t / times["base"]
+                    if case.peer in times:
+                        row["peer_over_base"] = times[case.peer] / times["base"]
                 frac, what = harness.fraction_of_limit(case, t, limits)
                 row["fraction_of_limit"] = None if math.isnan(frac) else frac
                 row["limit"] = what
@@ -124,12 +136,13 @@ def run(args: argparse.Namespace) -> dict:
         "x eager",
         "x peer",
         "of limit",
+        "over base",
         "goal",
     ):
         summary.add_column(col, overflow="fold")
     for r in results:
         if "error" in r:
-            summary.add_row(r["family"], r["case"], "error", "", "", "", "", "", r["error"][:60])
+            summary.add_row(r["family"], r["case"], "error", *[""] * 6, r["error"][:60])
             continue
         t = r["times"]
         peer = f"{r['peer']}: {_fmt_time(t[r['peer']])}" if r["peer"] in t else "n/a"
@@ -142,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "n/a",
             f"{r['speedup_vs_peer']:.2f}x" if r["speedup_vs_peer"] else "n/a",
             f"{r['fraction_of_limit']:.0%} {r['limit']}" if r["fraction_of_limit"] else "",
+            _over_base(r),
             r["goal"],
         )
     console.print(summary)
@@ -215,19 +229,19 @@ def update_readme() -> None:
             f"{' (quick run)' if rep['quick'] else ''}, "
             f"from `benchmarks/results/{os.path.basename(path)}`:",
             "",
-            "| family | case | dlcore | x eager | x peer (peer) | of limit | goal |",
-            "|---|---|---|---|---|---|---|",
+            "| family | case | dlcore | x eager | x peer (peer) | of limit | over base | goal |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in rep["results"]:
             if "error" in r:
-                lines.append(f"| {r['family']} | {r['case']} | error: {r['error']} | | | | |")
+                lines.append(f"| {r['family']} | {r['case']} | error: {r['error']} | | | | | |")
                 continue
             xe = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "n/a"
             xp = f"{r['speedup_vs_peer']:.2f}x ({r['peer']})" if r["speedup_vs_peer"] else "n/a"
             lim = f"{r['fraction_of_limit']:.0%} {r['limit']}" if r["fraction_of_limit"] else ""
             lines.append(
                 f"| {r['family']} | {r['case']} | {_fmt_time(r['times']['dlcore'])} | "
-                f"{xe} | {xp} | {lim} | {r['goal']} |"
+                f"{xe} | {xp} | {lim} | {_over_base(r)} | {r['goal']} |"
             )
         lines.append("")
     with open(README) as f:

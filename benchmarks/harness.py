@@ -26,7 +26,8 @@ Fn = Callable[[], Any]
 class Case:
     family: str
     name: str
-    # device -> {"dlcore": fn, "eager": fn, <peer name>: fn}; a missing peer is simply absent.
+    # device -> {"dlcore": fn, "eager": fn, <peer name>: fn, optionally "base": fn, the floor
+    # the op cannot beat, e.g. a plain nn.Linear for LoRA}; a missing peer is simply absent.
     setup: Callable[[torch.device], dict[str, Fn]]
     peer: str = ""  # key of the peer in setup()'s dict, e.g. "diffusers"
     bytes_moved: int = 0  # minimum bytes the op must move (memory-bound roofline), or 0

@@ -71,8 +71,10 @@ def test_update_readme_regenerates_table_between_markers(tmp_path, monkeypatch):
     runner.update_readme()
     text = readme.read_text()
     assert "stale row" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert "| demo | case one | 1 ms | 4.00x | 3.00x (peerlib) | 50% copy bw | >= 3x peer |" in text
-    assert "| demo | broken | error: boom |" in text
+    assert (
+        "| demo | case one | 1 ms | 4.00x | 3.00x (peerlib) | 50% copy bw |  | >= 3x peer |" in text
+    )
+    assert "| demo | broken | error: boom | | | | | |" in text
 
 
 def test_update_readme_refuses_without_markers(tmp_path, monkeypatch):
