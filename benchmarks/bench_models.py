@@ -247,22 +247,26 @@ def _case(name: str, quick: bool, build, **sizes) -> Case:
     return case
 
 
-GPT2_QUICK = dict(layers=4, vocab=8192, batch=1, seq=256)
+GPT2_QUICK = dict(layers=2, vocab=8192, batch=1, seq=128)
 GPT2_FULL = dict(layers=12, vocab=50257, batch=1, seq=1024)
 LORA_FULL = dict(GPT2_FULL, seq=512)
-MAMBA_QUICK = dict(layers=8, vocab=8192, prefill=512, decode=32)
+MAMBA_QUICK = dict(layers=4, vocab=8192, prefill=256, decode=16)
 MAMBA_FULL = dict(layers=24, vocab=50280, prefill=1024, decode=64)
-DDIM_QUICK = dict(channels=(32, 64), latent=16, steps=50, batch=1)
+DDIM_QUICK = dict(channels=(32, 64), latent=16, steps=20, batch=1)
 DDIM_FULL = dict(channels=(64, 128, 128), latent=32, steps=50, batch=1)
 
 CASES = [
-    _case("gpt2-small 4 layers fwd 1x256 fp32 (quick)", True, gpt2_forward, **GPT2_QUICK),
+    _case("gpt2-small 2 layers fwd 1x128 fp32 (quick)", True, gpt2_forward, **GPT2_QUICK),
     _case("gpt2-small fwd 1x1024 fp32", False, gpt2_forward, **GPT2_FULL),
-    _case("gpt2-small 4 layers LoRA fwd+bwd 1x256 (quick)", True, gpt2_lora_train, **GPT2_QUICK),
+    _case(
+        "gpt2-small 2 layers LoRA r16 fwd+bwd 1x128 (quick)", True, gpt2_lora_train, **GPT2_QUICK
+    ),
     _case("gpt2-small LoRA r16 fwd+bwd 1x512 fp32", False, gpt2_lora_train, **LORA_FULL),
-    _case("mamba-130m 8 layers 512+32 tokens (quick)", True, mamba_generate, **MAMBA_QUICK),
+    _case(
+        "mamba-130m 4 layers prefill 256 + 16 decode (quick)", True, mamba_generate, **MAMBA_QUICK
+    ),
     _case("mamba-130m prefill 1024 + 64 decode fp32", False, mamba_generate, **MAMBA_FULL),
-    _case("DDIM 50 steps CFG, UNet (32,64) 16x16 (quick)", True, ddim_cfg, **DDIM_QUICK),
+    _case("DDIM 20 steps CFG, UNet (32,64) 16x16 (quick)", True, ddim_cfg, **DDIM_QUICK),
     _case("DDIM 50 steps CFG, UNet (64,128,128) 32x32 fp32", False, ddim_cfg, **DDIM_FULL),
 ]
 
