@@ -33,6 +33,9 @@ from .aot import Spec
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# fp32 products: 3xTF32 on GPUs (tensor cores at ~fp32 accuracy; Triton's exact FMA dot needs
+# whole K strips per thread and spills), exact in the interpreter.
+FP32_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 
 @triton.jit
@@ -43,10 +46,10 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: exact fp32 products (fp32 inputs, and bf16 in the
-    interpreter, whose bf16 tl.dot is broken) instead of tensor-core inputs in b's dtype."""
+    """a @ b with fp32 accumulation; IEEE: fp32 operands at FP32_PRECISION (fp32 inputs, and bf16
+    in the interpreter, whose bf16 tl.dot is broken) instead of operands in b's dtype."""
     if IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_PRECISION)
     else:
         r = tl.dot(a.to(b.dtype), b)
     return r
@@ -55,7 +58,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _dot_acc(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
     else:
         r = tl.dot(a.to(b.dtype), b, acc)
     return r
@@ -707,7 +710,7 @@ FWD_CONFIGS = {
     ("fp32", 32): [_cfg(64, 32, 8, 2)],
     ("fp32", 64): [_cfg(64, 32, 8, 2)],
     ("fp32", 128): [_cfg(32, 32, 8, 2)],
-    ("fp32", 256): [_cfg(32, 32, 8, 1)],
+    ("fp32", 256): [_cfg(16, 32, 8, 1)],
 }
 # Backward tiles, sized from sm_80/sm_90 AOT reports so that dK/dV accumulators, K/V in two
 # operand layouts and the Q/dO tiles fit without spills. The dK/dV kernel with atomic dQ (the
@@ -723,7 +726,7 @@ DKDV_CONFIGS = {
     ("features", 64): [_cfg(16, 32, 8, 2)],
     ("features", 128): [_cfg(16, 32, 8, 2)],
     ("features", 256): [_cfg(16, 16, 8, 1)],
-    ("fp32", 32): [_cfg(32, 32, 8, 1)],
+    ("fp32", 32): [_cfg(16, 32, 8, 1)],
     ("fp32", 64): [_cfg(16, 32, 8, 1)],
     ("fp32", 128): [_cfg(16, 16, 8, 1)],
     ("fp32", 256): [_cfg(16, 16, 8, 1)],
@@ -737,10 +740,10 @@ DQ_CONFIGS = {
     ("features", 64): [_cfg(64, 32, 8, 2)],
     ("features", 128): [_cfg(32, 32, 8, 2)],
     ("features", 256): [_cfg(16, 32, 8, 1)],
-    ("fp32", 32): [_cfg(32, 32, 4, 1)],
-    ("fp32", 64): [_cfg(32, 32, 4, 1)],
-    ("fp32", 128): [_cfg(16, 32, 4, 1)],
-    ("fp32", 256): [_cfg(16, 16, 4, 1)],
+    ("fp32", 32): [_cfg(32, 32, 8, 1)],
+    ("fp32", 64): [_cfg(32, 32, 8, 1)],
+    ("fp32", 128): [_cfg(16, 32, 8, 1)],
+    ("fp32", 256): [_cfg(16, 16, 8, 1)],
 }
 # Decoding (few query rows): 16-row query tiles, FEATURES on, fp32 partial outputs merged by the
 # combine kernel (split-KV fills the machine when batch x heads cannot).
@@ -751,7 +754,7 @@ DECODE_CONFIGS = {
     ("features", 256): _cfg(16, 32, 8, 2),
     ("fp32", 32): _cfg(16, 32, 4, 2),
     ("fp32", 64): _cfg(16, 32, 4, 2),
-    ("fp32", 128): _cfg(16, 32, 4, 1),
+    ("fp32", 128): _cfg(16, 32, 8, 2),
     ("fp32", 256): _cfg(16, 16, 8, 1),
 }
 # The interpreter runs one small tile so tests cross several blocks with short sequences.
