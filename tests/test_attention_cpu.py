@@ -181,6 +181,8 @@ CASES = [
     pytest.param((1, 2, 2, 20, 500, 160), {}, id="d160-longkeys"),
     pytest.param((2, 2, 1, 33, 65, 256), {"wr": 0, "diag": 32}, id="d256-causal"),
     pytest.param((3, 2, 2, 19, 23, 7), {}, id="d7-odd"),
+    pytest.param((2, 4, 1, 3, 300, 64), {"wr": 0, "diag": 297}, id="decode-3rows"),
+    pytest.param((1, 2, 2, 65, 100, 40), {"wr": 0, "diag": 35}, id="1-row-last-block-d40"),
 ]
 
 
@@ -197,6 +199,7 @@ def test_parity_other_dtypes(dtype):
 
 def test_flash_layout_strided_inputs():
     check_case(2, 4, 2, 77, 100, 64, torch.float32, flash_layout=True, wr=0, diag=23)
+    check_case(2, 4, 2, 2, 100, 64, torch.float32, flash_layout=True, wr=0, diag=98)
 
 
 def test_alibi_batch_and_broadcast_slopes():

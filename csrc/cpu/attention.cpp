@@ -125,6 +125,39 @@ DLCORE_MULTIVERSION void gemm(int64_t M, int64_t N, int64_t K, const double* A, 
   gemm_body<double>(M, N, K, A, sam, sak, B, ldb, C, ldc, accumulate);
 }
 
+// S[r][j] = <Q[r], K[j]> for a few query rows (decoding): K stays row-major, so the key block
+// is copied, not transposed. Dp is a multiple of the vector width.
+template <typename T>
+__attribute__((always_inline)) inline void dot_rows_body(int64_t rows, int64_t n, int64_t Dp,
+                                                         const T* Q, const T* K, int64_t ldk,
+                                                         T* S) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int W = Vec<T>::width;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      V acc = V{};
+      for (int64_t d = 0; d < Dp; d += W)
+        acc += *reinterpret_cast<const U*>(Q + r * Dp + d) *
+               *reinterpret_cast<const U*>(K + j * ldk + d);
+      T sum = 0;
+      for (int i = 0; i < W; ++i) sum += acc[i];
+      S[r * kBlockK + j] = sum;
+    }
+    for (int64_t j = n; j < kBlockK; ++j) S[r * kBlockK + j] = T(0);
+  }
+}
+
+DLCORE_MULTIVERSION void dot_rows(int64_t rows, int64_t n, int64_t Dp, const float* Q,
+                                  const float* K, int64_t ldk, float* S) {
+  dot_rows_body(rows, n, Dp, Q, K, ldk, S);
+}
+
+DLCORE_MULTIVERSION void dot_rows(int64_t rows, int64_t n, int64_t Dp, const double* Q,
+                                  const double* K, int64_t ldk, double* S) {
+  dot_rows_body(rows, n, Dp, Q, K, ldk, S);
+}
+
 // dst[r][c] += src[r][c]. Block products are summed into the running accumulators (O, dQ, dK,
 // dV) block by block rather than chained in one FMA sequence over the whole sequence length:
 // two-level summation keeps float32 rounding error at the level of a plain matmul.
@@ -442,6 +475,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const int64_t Dp = p.Dp, D = p.D;
   const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
   const T scale = static_cast<T>(p.scale);
+  constexpr bool kInPlace = std::is_same_v<scalar_t, T>;
 
   at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qbuf(kBlockQ * Dp), kt(Dp * kBlockK), vbuf(kBlockK * Dp);
@@ -460,10 +494,29 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
       const int64_t jhi = std::min<int64_t>(p.Lk - 1, p.last_key(i0 + mq - 1));
       for (int64_t j0 = jlo / kBlockK * kBlockK; j0 <= jhi; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, p.Lk - j0);
-        pack_transposed(kp + ks.offset(b, hk, j0), ks.l, n, D, Dp, kt.data());
-        pack_rows(vp + vs.offset(b, hk, j0), vs.l, n, D, Dp, T(1), vbuf.data());
-        gemm(mq, kBlockK, Dp, qbuf.data(), Dp, 1, kt.data(), kBlockK, sbuf.data(), kBlockK,
-             false);
+        // Inputs already in the accumulation type with D a multiple of the vector width are read
+        // in place where the layout allows; others go through the zero-padded block buffers.
+        const T* vblock = vbuf.data();
+        int64_t ldv = Dp;
+        if (kInPlace && D == Dp) {
+          vblock = reinterpret_cast<const T*>(vp + vs.offset(b, hk, j0));
+          ldv = vs.l;
+        } else {
+          pack_rows(vp + vs.offset(b, hk, j0), vs.l, n, D, Dp, T(1), vbuf.data());
+        }
+        if (mq <= kTileRows) {  // decoding: dot products against row-major keys
+          if (kInPlace && D == Dp) {
+            dot_rows(mq, n, Dp, qbuf.data(), reinterpret_cast<const T*>(kp + ks.offset(b, hk, j0)),
+                     ks.l, sbuf.data());
+          } else {
+            pack_rows(kp + ks.offset(b, hk, j0), ks.l, n, D, Dp, T(1), kt.data());
+            dot_rows(mq, n, Dp, qbuf.data(), kt.data(), Dp, sbuf.data());
+          }
+        } else {
+          pack_transposed(kp + ks.offset(b, hk, j0), ks.l, n, D, Dp, kt.data());
+          gemm(mq, kBlockK, Dp, qbuf.data(), Dp, 1, kt.data(), kBlockK, sbuf.data(), kBlockK,
+               false);
+        }
         const bool mask = !p.block_fully_visible(i0, mq, j0, n);
         if (mask || p.needs_mods())
           apply_score_mods(p, sbuf.data(), mq, b, h, i0, j0, n, mask, static_cast<T*>(nullptr),
@@ -471,7 +524,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
         online_softmax(sbuf.data(), kBlockK, mq, kBlockK, m.data(), l.data(), obuf.data(), Dp,
                        Dp);
         if (p.dropout_p > 0) apply_dropout(p, sbuf.data(), mq, n, b, h, i0, j0, sbuf.data());
-        gemm(mq, Dp, n, sbuf.data(), kBlockK, 1, vbuf.data(), Dp, pv.data(), Dp, false);
+        gemm(mq, Dp, n, sbuf.data(), kBlockK, 1, vblock, ldv, pv.data(), Dp, false);
         add_block(obuf.data(), Dp, pv.data(), Dp, mq, Dp);
       }
       for (int64_t r = 0; r < mq; ++r) {
