@@ -266,20 +266,23 @@ __attribute__((always_inline)) inline void block_steps_impl(int64_t steps, int64
   for (int64_t i = 0; i < steps; ++i) {
     const T* dti = dt + i * kBlock;
     const T* dui = du + i * kBlock;
-    T acc[kBlock] = {};
+    // Four partial sums over n, so the output is not one long chain of dependent FMAs.
+    T acc[4][kBlock] = {};
     for (int64_t n = 0; n < N; ++n) {
       const T bn = B[i * N + n], cn = C[i * N + n];
       const T* An = A + n * kBlock;
       T* hn = h + n * kBlock;
+      T* an = acc[n & 3];
 #pragma omp simd
       for (int64_t w = 0; w < kBlock; ++w) {
         const T v = exp_<T>(dti[w] * An[w]) * hn[w] + dui[w] * bn;
         hn[w] = v;
-        acc[w] += v * cn;
+        an[w] += v * cn;
       }
     }
 #pragma omp simd
-    for (int64_t w = 0; w < kBlock; ++w) y[i * kBlock + w] = acc[w];
+    for (int64_t w = 0; w < kBlock; ++w)
+      y[i * kBlock + w] = (acc[0][w] + acc[1][w]) + (acc[2][w] + acc[3][w]);
   }
 }
 
