@@ -10,6 +10,7 @@ import torch
 
 import dlcore
 from dlcore.backends import select
+from dlcore.ops.common import register_autograd
 
 
 def test_backends_lists_every_backend_with_reason():
@@ -106,3 +107,41 @@ def test_missing_extension_is_reported(tmp_path):
     assert "pip install --no-build-isolation -e ." in out.stdout
     assert "RAISED dlcore backend 'cpu' is forced but cannot run dlcore::x" in out.stdout
     assert "DEFAULT eager" in out.stdout
+
+
+@torch.library.custom_op("dlcore_test::probe", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    _SEEN.append(("forward", select("dlcore_test::probe", x.device, ("cpu", "eager"))))
+    return x.clone()
+
+
+@_probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _probe_setup(ctx, inputs, output):
+    pass
+
+
+def _probe_backward(ctx, grad):
+    _SEEN.append(("backward", select("dlcore_test::probe", grad.device, ("cpu", "eager"))))
+    return grad
+
+
+_SEEN: list = []
+register_autograd(_probe, _probe_backward, setup_context=_probe_setup)
+
+
+def test_backward_runs_on_the_backend_forced_for_the_forward():
+    # Autograd runs backward after the `with` block has exited; the gradient must still come
+    # from the backend that produced the output.
+    _SEEN.clear()
+    x = torch.randn(3, requires_grad=True)
+    with dlcore.backend("eager"):
+        y = _probe(x)
+    y.sum().backward()
+    assert _SEEN == [("forward", "eager"), ("backward", "eager")]
+    _SEEN.clear()
+    _probe(x).sum().backward()
+    assert _SEEN == [("forward", "cpu"), ("backward", "cpu")]

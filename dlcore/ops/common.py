@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..backends import select
+from ..backends import backend, forced_backend, select
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,3 +72,21 @@ def dispatch(
 ) -> Any:
     """Run ``op`` with the backend chosen for ``device`` among those in ``impls``."""
     return impls[select(op, device, impls)](*args, **kw)
+
+
+def register_autograd(
+    op: str | Any, backward: Callable[..., Any], *, setup_context: Callable[..., None]
+) -> None:
+    """``torch.library.register_autograd`` whose backward runs on the backend that was forced
+    when the forward ran: autograd calls backward after a ``with dlcore.backend(...)`` block has
+    exited, and the gradient must come from the same backend as the output."""
+
+    def _setup(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.dlcore_forced_backend = forced_backend()
+        setup_context(ctx, inputs, output)
+
+    def _backward(ctx: Any, *grads: Any) -> Any:
+        with backend(ctx.dlcore_forced_backend):
+            return backward(ctx, *grads)
+
+    torch.library.register_autograd(op, _backward, setup_context=_setup)

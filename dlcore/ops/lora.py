@@ -22,7 +22,7 @@ import torch
 
 from ..backends import triton_kernels
 from ..reference import lora as ref
-from .common import FLOAT_DTYPES, check_tensor, dispatch
+from .common import FLOAT_DTYPES, check_tensor, dispatch, register_autograd
 
 _BACKENDS = ("triton", "cpu", "eager")
 # Rows per dropout chunk on the composed path: keeps the masked-input temporary near 4 MB.
@@ -368,7 +368,7 @@ def _backward_single(ctx, dout, dxa):
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 4
 
 
-_lora_linear_op.register_autograd(_backward_single, setup_context=_setup_single)
+register_autograd(_lora_linear_op, _backward_single, setup_context=_setup_single)
 
 
 @torch.library.custom_op("dlcore::lora_linear_multi", mutates_args=())
@@ -435,7 +435,7 @@ def _backward_multi(ctx, dout, dxa):
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 4
 
 
-_lora_linear_multi_op.register_autograd(_backward_multi, setup_context=_setup_multi)
+register_autograd(_lora_linear_multi_op, _backward_multi, setup_context=_setup_multi)
 
 
 # ---- public functions ------------------------------------------------------------------------
