@@ -396,7 +396,12 @@ def _pin(target: Any, name: str) -> Callable[[], None]:
             target.register_forward_pre_hook(enter),
             target.register_forward_hook(leave, always_call=True),
         ]
-        return lambda: [h.remove() for h in handles] and None
+
+        def unpin_module() -> None:
+            for h in handles:
+                h.remove()
+
+        return unpin_module
 
     step = target.step
 
@@ -405,7 +410,11 @@ def _pin(target: Any, name: str) -> Callable[[], None]:
             return step(*args, **kwargs)
 
     target.step = pinned_step
-    return lambda: target.__dict__.pop("step", None) and None
+
+    def unpin_step() -> None:
+        del target.step  # the class's step shows through again
+
+    return unpin_step
 
 
 def _check_families(families: str | Iterable[str] | None) -> tuple[str, ...]:

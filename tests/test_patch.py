@@ -466,3 +466,31 @@ def test_unsupported_dtype_is_a_skip():
     assert entry.name == "base_model.model.model.layers.1.mlp.gate_proj"
     assert entry.reason.startswith("dtype: parameters are int8")
     assert "skipped (dtype: parameters are int8" in str(report)
+
+
+def test_backend_pin_on_a_pipeline_scheduler(monkeypatch):
+    requires("schedulers", "DDIMScheduler")
+    from dlcore.ops import sampler
+
+    seen = []
+
+    def spy():  # what the sampler op sees when it picks its backend
+        seen.append(forced_backend())
+        return seen[-1]
+
+    monkeypatch.setattr(sampler, "forced_backend", spy)
+    pipe = diffusers.DDIMPipeline(unet=tiny_unet2d(), scheduler=diffusers.DDIMScheduler())
+    report = dlcore.patch(pipe, families="sampler", backend="eager")
+    assert report.backend == "eager" and "backend pinned to 'eager'" in str(report)
+    pipe.scheduler.set_timesteps(4)
+    x, eps = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    t = pipe.scheduler.timesteps[0]
+    dl_scheduler = pipe.scheduler
+    pinned = dl_scheduler.step(eps, t, x).prev_sample
+    assert seen and set(seen) == {"eager"}
+    dlcore.unpatch(pipe)
+    assert "step" not in vars(dl_scheduler)  # the pin is gone from the dlcore scheduler
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+    pipe.scheduler.set_timesteps(4)
+    expected = pipe.scheduler.step(eps, t, x).prev_sample
+    torch.testing.assert_close(pinned, expected, rtol=1e-5, atol=1e-6)
