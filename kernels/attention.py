@@ -33,9 +33,6 @@ from .aot import Spec
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# fp32 products: 3xTF32 on GPUs (tensor cores at ~fp32 accuracy; Triton's exact FMA dot needs
-# whole K strips per thread and spills), exact in the interpreter.
-FP32_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 
 @triton.jit
@@ -46,10 +43,10 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE: fp32 operands at FP32_PRECISION (fp32 inputs, and bf16
-    in the interpreter, whose bf16 tl.dot is broken) instead of operands in b's dtype."""
+    """a @ b with fp32 accumulation; IEEE (interpreter only: fp32 inputs, and bf16 inputs whose
+    interpreted tl.dot is broken): exact fp32 products instead of operands in b's dtype."""
     if IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_PRECISION)
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         r = tl.dot(a.to(b.dtype), b)
     return r
@@ -58,7 +55,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _dot_acc(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         r = tl.dot(a.to(b.dtype), b, acc)
     return r
@@ -696,7 +693,8 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # Tile configs per (variant, BLOCK_D). Variants: "plain" = fp16/bf16 without bias, ALiBi, softcap
 # or dropout (the hot path, autotuned over large tensor-core tiles); "features" = fp16/bf16 with
 # any of them (runtime branches, so one compiled kernel covers every combination; tiles kept
-# smaller for the extra registers); "fp32" = exact fp32 products (small tiles, FEATURES on).
+# smaller for the extra registers). fp32 CUDA inputs run on the eager backend: with
+# fp32-accurate products (exact FMA dot or 3xTF32) every tile size spilled registers at D >= 128.
 # BLOCK_M tiles queries and BLOCK_N keys in every kernel.
 FWD_CONFIGS = {
     ("plain", 32): [_cfg(128, 64, 8, 3)],
@@ -707,10 +705,6 @@ FWD_CONFIGS = {
     ("features", 64): [_cfg(64, 64, 8, 2)],
     ("features", 128): [_cfg(64, 32, 8, 2)],
     ("features", 256): [_cfg(32, 32, 8, 2)],
-    ("fp32", 32): [_cfg(64, 32, 8, 2)],
-    ("fp32", 64): [_cfg(64, 32, 8, 2)],
-    ("fp32", 128): [_cfg(32, 32, 8, 2)],
-    ("fp32", 256): [_cfg(16, 32, 8, 1)],
 }
 # Backward tiles, sized from sm_80/sm_90 AOT reports so that dK/dV accumulators, K/V in two
 # operand layouts and the Q/dO tiles fit without spills. The dK/dV kernel with atomic dQ (the
@@ -726,10 +720,6 @@ DKDV_CONFIGS = {
     ("features", 64): [_cfg(16, 32, 8, 2)],
     ("features", 128): [_cfg(16, 32, 8, 2)],
     ("features", 256): [_cfg(16, 16, 8, 1)],
-    ("fp32", 32): [_cfg(16, 32, 8, 1)],
-    ("fp32", 64): [_cfg(16, 32, 8, 1)],
-    ("fp32", 128): [_cfg(16, 16, 8, 1)],
-    ("fp32", 256): [_cfg(16, 16, 8, 1)],
 }
 DQ_CONFIGS = {
     ("plain", 32): [_cfg(64, 64, 8, 2)],
@@ -740,10 +730,6 @@ DQ_CONFIGS = {
     ("features", 64): [_cfg(64, 32, 8, 2)],
     ("features", 128): [_cfg(32, 32, 8, 2)],
     ("features", 256): [_cfg(16, 32, 8, 1)],
-    ("fp32", 32): [_cfg(32, 32, 8, 1)],
-    ("fp32", 64): [_cfg(32, 32, 8, 1)],
-    ("fp32", 128): [_cfg(16, 32, 8, 1)],
-    ("fp32", 256): [_cfg(16, 16, 8, 1)],
 }
 # Decoding (few query rows): 16-row query tiles, FEATURES on, fp32 partial outputs merged by the
 # combine kernel (split-KV fills the machine when batch x heads cannot).
@@ -752,10 +738,6 @@ DECODE_CONFIGS = {
     ("features", 64): _cfg(16, 64, 4, 2),
     ("features", 128): _cfg(16, 64, 8, 2),
     ("features", 256): _cfg(16, 32, 8, 2),
-    ("fp32", 32): _cfg(16, 32, 4, 2),
-    ("fp32", 64): _cfg(16, 32, 4, 2),
-    ("fp32", 128): _cfg(16, 32, 8, 2),
-    ("fp32", 256): _cfg(16, 16, 8, 1),
 }
 # The interpreter runs one small tile so tests cross several blocks with short sequences.
 INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
@@ -783,11 +765,11 @@ _DQ_TUNED = _tuned(attention_bwd_dq_kernel, DQ_CONFIGS)
 
 
 def _variant(dtype: torch.dtype, features: bool) -> tuple[str, bool]:
-    """(config variant, IEEE): bf16 runs with fp32 products in the interpreter, whose bf16
-    tl.dot returns garbage (triton 3.9)."""
-    if dtype == torch.float32:
-        return "fp32", True
-    return ("features" if features else "plain"), INTERPRET and dtype == torch.bfloat16
+    """(config variant, IEEE). On GPUs the launchers take fp16/bf16 (the ops layer sends fp32
+    CUDA inputs to the eager backend); the interpreter also runs fp32, and bf16 with fp32
+    products because its bf16 tl.dot returns garbage (triton 3.9)."""
+    ieee = INTERPRET and dtype in (torch.float32, torch.bfloat16)
+    return ("features" if features else "plain"), ieee
 
 
 def _config_kwargs(cfg: triton.Config) -> dict:
@@ -1049,10 +1031,6 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict, out_dtype=None) -> 
     return sig
 
 
-def _dtypes(variant: str) -> tuple[torch.dtype, ...]:
-    return (torch.float32,) if variant == "fp32" else (torch.float16, torch.bfloat16)
-
-
 def _spec(kernel, dtype, cfg, const, label, out_dtype=None) -> Spec:
     const = {**cfg.kwargs, **const}
     tile = f"m{cfg.kwargs['BLOCK_M']}n{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
@@ -1074,21 +1052,21 @@ def _aot_specs() -> list[Spec]:
         (attention_bwd_dq_kernel, DQ_CONFIGS, "dq"),
     ):
         for (variant, bd), cfgs in table.items():
-            const = {"BLOCK_D": bd, "IEEE": variant == "fp32", "FEATURES": variant != "plain"}
+            const = {"BLOCK_D": bd, "IEEE": False, "FEATURES": variant != "plain"}
             extra = [{}]
             if kernel is attention_bwd_dkdv_kernel:
                 atomic = bd <= ATOMIC_DQ_MAX_BLOCK_D
                 extra = [{"ATOMIC_DQ": False}] + ([{"ATOMIC_DQ": True}] if atomic else [])
             for more in extra:
                 name = f"{label} {variant}" + (" atomic" if more.get("ATOMIC_DQ") else "")
-                for dtype in _dtypes(variant):
+                for dtype in (torch.float16, torch.bfloat16):
                     specs += [_spec(kernel, dtype, c, {**const, **more}, name) for c in cfgs]
-    for (variant, bd), cfg in DECODE_CONFIGS.items():
-        const = {"BLOCK_D": bd, "IEEE": variant == "fp32", "FEATURES": True}
-        for dtype in _dtypes(variant):
+    for (_, bd), cfg in DECODE_CONFIGS.items():
+        const = {"BLOCK_D": bd, "IEEE": False, "FEATURES": True}
+        for dtype in (torch.float16, torch.bfloat16):
             specs.append(_spec(attention_fwd_kernel, dtype, cfg, const, "decode", torch.float32))
     for bd in (32, 64, 128, 256):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for dtype in (torch.float16, torch.bfloat16):
             specs.append(
                 Spec(
                     attention_bwd_preprocess_kernel,

@@ -73,6 +73,14 @@ def _triton():
     return triton_kernels("attention")
 
 
+def _gpu_dtypes(impls: dict, q: torch.Tensor) -> dict:
+    """The triton backend takes fp16/bf16 on GPUs (fp32 tiles with fp32-accurate products spill
+    registers); fp32 CUDA inputs run on the eager backend. CPU tensors (interpreter) take all."""
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        return {name: fn for name, fn in impls.items() if name != "triton"}
+    return impls
+
+
 def _eager_keep_mask(seed: int, p: float, shape: Sequence[int], device) -> torch.Tensor:
     """The eager backend's dropout mask: a torch generator seeded with ``seed`` (the eager
     backend's own counter-based stream, regenerated identically in backward)."""
@@ -154,7 +162,7 @@ def attention_fwd(
     }
     if _has_cpu_kernel():
         impls["cpu"] = kernel(torch.ops.dlcore.attention_fwd_kernel)
-    return dispatch("attention_fwd", impls, q.device)
+    return dispatch("attention_fwd", _gpu_dtypes(impls, q), q.device)
 
 
 @attention_fwd.register_fake
@@ -198,7 +206,7 @@ def attention_bwd(
     }
     if _has_cpu_kernel():
         impls["cpu"] = kernel(torch.ops.dlcore.attention_bwd_kernel)
-    return tuple(dispatch("attention_bwd", impls, q.device))
+    return tuple(dispatch("attention_bwd", _gpu_dtypes(impls, q), q.device))
 
 
 @attention_bwd.register_fake
@@ -599,7 +607,7 @@ def attention_varlen_fwd(
     }
     if _has_cpu_kernel():
         impls["cpu"] = lambda: _varlen_loop_fwd(_cpu_dense_fwd, *loop_args)
-    return dispatch("attention_varlen_fwd", impls, q.device)
+    return dispatch("attention_varlen_fwd", _gpu_dtypes(impls, q), q.device)
 
 
 @attention_varlen_fwd.register_fake
@@ -680,7 +688,7 @@ def attention_varlen_bwd(
     }
     if _has_cpu_kernel():
         impls["cpu"] = lambda: _varlen_loop_bwd(_cpu_bwd_seq, *loop, deterministic)
-    return tuple(dispatch("attention_varlen_bwd", impls, q.device))
+    return tuple(dispatch("attention_varlen_bwd", _gpu_dtypes(impls, q), q.device))
 
 
 @attention_varlen_bwd.register_fake
@@ -757,7 +765,7 @@ def attention_kvcache(
     impls = {"triton": triton_impl, "eager": loop(_eager_fwd)}
     if _has_cpu_kernel():
         impls["cpu"] = loop(_cpu_dense_fwd)
-    return dispatch("attention_kvcache", impls, q.device)
+    return dispatch("attention_kvcache", _gpu_dtypes(impls, q), q.device)
 
 
 @attention_kvcache.register_fake
