@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -38,16 +40,18 @@ class BackendStatus:
 
 
 def _triton_status() -> BackendStatus:
+    # Read the version without importing triton: on a CPU-only machine triton must first be
+    # imported after TRITON_INTERPRET is set (see triton_kernels).
     try:
-        import triton
-    except ImportError as exc:
-        return BackendStatus("triton", False, f"triton is not installed ({exc})")
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return BackendStatus("triton", False, "triton is not installed")
     if torch.cuda.is_available():
-        return BackendStatus("triton", True, f"triton {triton.__version__} on CUDA")
+        return BackendStatus("triton", True, f"triton {version} on CUDA")
     return BackendStatus(
         "triton",
         True,
-        f"triton {triton.__version__} interpreter: no CUDA device, kernels run on CPU tensors "
+        f"triton {version} interpreter: no CUDA device, kernels run on CPU tensors "
         "(slow, for tests)",
     )
 
@@ -151,6 +155,11 @@ def triton_kernels(family: str) -> ModuleType:
     Triton decides at decoration time whether a kernel is interpreted, so the switch must be set
     before the kernel module is first imported.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if "triton" in sys.modules:
+            raise RuntimeError(
+                "the triton backend on CPU tensors needs Triton's interpreter, but triton was "
+                "imported before TRITON_INTERPRET=1 was set; set it before importing triton"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
     return importlib.import_module(f"dlcore.kernels.{family}")

@@ -9,7 +9,9 @@ Interpreter mode must be off: interpreted kernels cannot be compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import pkgutil
@@ -70,14 +72,20 @@ def compile_spec(spec: Spec, arch: int) -> dict[str, Any]:
     row: dict[str, Any] = {"kernel": fn.__name__, "label": spec.label, "arch": f"sm_{arch}"}
     try:
         src = ASTSource(fn, dict(spec.signature), constexprs=dict(spec.constexprs))
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-        )
+        # Triton prints ptxas' -v log (registers, stack frame, spill stores/loads) when asked.
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            )
         usage = _resource_usage(compiled.asm["cubin"])
+        spill = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
         row.update(ok=True, shared_bytes=compiled.metadata.shared, **usage)
-        row["spills"] = usage["local"] > 0
+        row["spill_bytes"] = sum(spill) if spill else None  # None: this triton printed no log
+        row["spills"] = usage["local"] > 0 or bool(row["spill_bytes"])
         row["wgmma"] = "wgmma" in compiled.asm["ptx"]
     except Exception as exc:  # report every failure, keep compiling the rest
         row.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
@@ -108,6 +116,8 @@ def compile_all(families: list[str] | None = None, jobs: int | None = None) -> I
     for name in families or family_modules():
         module = importlib.import_module(f"dlcore.kernels.{name}")
         work += [(name, i, arch) for i in range(len(module.AOT_SPECS)) for arch in ARCHS]
+    # A private cache: a cached kernel skips ptxas, and ptxas' log is where spills are reported.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dlcore-aot-")
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = [pool.submit(_compile_one, *w) for w in work]
         for future in as_completed(futures):
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{row['family']:10s} {row['kernel']:36s} {row['label']:28s} {row['arch']}  "
                 f"regs={row['reg']:3d} smem={row['shared_bytes']:6d}B local={row['local']}B "
-                f"stack={row['stack']}B{'  SPILLS' if row['spills'] else ''}"
+                f"stack={row['stack']}B spilled={row['spill_bytes']}B"
+                f"{'  SPILLS' if row['spills'] else ''}"
             )
         else:
             print(

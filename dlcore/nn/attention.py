@@ -312,7 +312,9 @@ class AttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
+        if encoder_hidden_states is None:
+            context = hidden_states  # self-attention keys/values come from the normed states
+        elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(context)
         value = attn.to_v(context)

@@ -45,7 +45,7 @@ import torch
 
 from ..backends import triton_kernels
 from ..reference import attention as ref
-from .common import FLOAT_DTYPES, dispatch, last_dim_contiguous
+from .common import FLOAT_DTYPES, dispatch, last_dim_contiguous, register_autograd
 
 MAX_HEAD_DIM = 256
 
@@ -93,6 +93,14 @@ def _eager_keep_mask(seed: int, p: float, shape: Sequence[int], device) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
+def _layout_of(t: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``template``'s strides, as the fake impls (``empty_like``) promise: compiled
+    graphs rely on them, e.g. when a transposed (B, L, H, D) view is reshaped afterwards."""
+    if t.stride() == template.stride():
+        return t
+    return torch.empty_like(template, dtype=t.dtype).copy_(t)
+
+
 def _eager_fwd(q, k, v, bias, alibi, scale, diag, wl, wr, softcap, p, seed):
     keep = None
     if p > 0:
@@ -100,7 +108,7 @@ def _eager_fwd(q, k, v, bias, alibi, scale, diag, wl, wr, softcap, p, seed):
     out, lse = ref.attention_reference(
         q, k, v, bias, alibi, scale, diag, wl, wr, softcap, dropout_p=p, keep_mask=keep
     )
-    return out.to(q.dtype), lse.float()
+    return _layout_of(out.to(q.dtype), q), lse.float().contiguous()
 
 
 def _eager_bwd(dout, q, k, v, bias, alibi, scale, diag, wl, wr, softcap, p, seed):
@@ -202,7 +210,12 @@ def attention_bwd(
 
     impls = {
         "triton": kernel(lambda *a: _triton().attention_bwd(*a)),
-        "eager": lambda: _eager_bwd(dout, q, k, v, bias, alibi_slopes, *scalars),
+        "eager": lambda: tuple(
+            _layout_of(g, t)
+            for g, t in zip(
+                _eager_bwd(dout, q, k, v, bias, alibi_slopes, *scalars), (q, k, v), strict=True
+            )
+        ),
     }
     if _has_cpu_kernel():
         impls["cpu"] = kernel(torch.ops.dlcore.attention_bwd_kernel)
@@ -247,7 +260,7 @@ def _fwd_backward(ctx, dout, dlse):
     return dq, dk, dv, dbias, *([None] * 9)
 
 
-attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+register_autograd(attention_fwd, _fwd_backward, setup_context=_fwd_setup_context)
 
 
 def _kernel_fake(*args, **kwargs):
@@ -712,7 +725,7 @@ def _varlen_backward(ctx, dout, dlse):
     return dq, dk, dv, *([None] * 12)
 
 
-attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+register_autograd(attention_varlen_fwd, _varlen_backward, setup_context=_varlen_setup_context)
 
 
 @torch.library.custom_op("dlcore::attention_kvcache", mutates_args=())

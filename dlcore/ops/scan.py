@@ -72,7 +72,13 @@ from ..reference.scan import (
     selective_scan_reference,
     selective_state_update_reference,
 )
-from .common import FLOAT_DTYPES, check_tensor, dispatch, last_dim_contiguous
+from .common import (
+    FLOAT_DTYPES,
+    check_tensor,
+    dispatch,
+    last_dim_contiguous,
+    register_autograd,
+)
 
 Tensor = torch.Tensor
 MAX_STATE = 256
@@ -282,7 +288,7 @@ def _backward(ctx, dout, dlast, _dchunks):
     return (*out, None, None, None, None)
 
 
-selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(selective_scan_fwd, _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- decode step op
