@@ -127,7 +127,10 @@ def _decode_case(name, batch, dim, n, dtype, devices):
 CASES = [
     _scan_case("fwd-b1-d1536-N16-L2048-fp32", 1, 1536, 16, 2048, torch.float32, ("cpu",),
                backward=False, goal=">= 30x transformers slow path and >= 30x eager"),
+    # Autograd through the eager loop costs seconds per call at L=2048: full runs only.
     _scan_case("fwd+bwd-b1-d1536-N16-L2048-fp32", 1, 1536, 16, 2048, torch.float32, ("cpu",),
+               backward=True, goal=">= 10x autograd through eager", quick=False),
+    _scan_case("fwd+bwd-b1-d1536-N16-L256-fp32", 1, 1536, 16, 256, torch.float32, ("cpu",),
                backward=True, goal=">= 10x autograd through eager"),
     _decode_case("decode-step-b8-d1536-N16-fp32", 8, 1536, 16, torch.float32, ("cpu",)),
     _scan_case("fwd-b8-d2048-N16-L4096-bf16", 8, 2048, 16, 4096, torch.bfloat16, ("cuda",),
