@@ -745,8 +745,9 @@ COMBINE_BLOCK_R = 16
 
 
 def _pre_block_m(bd: int) -> int:
-    # 4096-element tiles of O and dO: 32 values each per thread of 4 warps, no spills at D 256.
-    return 4096 // bd
+    # 2048-element tiles of O and dO: 16 values each per thread of 4 warps (4096-element tiles
+    # spilled on sm_80 at D 32 and 64, per ptxas' log).
+    return 2048 // bd
 
 
 _TUNE_KEY = ["D", "window_left", "window_right"]
