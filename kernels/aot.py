@@ -75,12 +75,15 @@ def compile_spec(spec: Spec, arch: int) -> dict[str, Any]:
         # Triton prints ptxas' -v log (registers, stack frame, spill stores/loads) when asked.
         os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                src,
-                target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-            )
+        # A fresh cache per compile: a cache hit (identical variants) would skip ptxas and its log.
+        with tempfile.TemporaryDirectory(prefix="dlcore-aot-") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(
+                    src,
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+                )
         usage = _resource_usage(compiled.asm["cubin"])
         spill = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
         row.update(ok=True, shared_bytes=compiled.metadata.shared, **usage)
@@ -116,8 +119,6 @@ def compile_all(families: list[str] | None = None, jobs: int | None = None) -> I
     for name in families or family_modules():
         module = importlib.import_module(f"dlcore.kernels.{name}")
         work += [(name, i, arch) for i in range(len(module.AOT_SPECS)) for arch in ARCHS]
-    # A private cache: a cached kernel skips ptxas, and ptxas' log is where spills are reported.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dlcore-aot-")
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = [pool.submit(_compile_one, *w) for w in work]
         for future in as_completed(futures):
