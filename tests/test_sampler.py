@@ -249,6 +249,31 @@ def test_out_aliases_sample_in_place(backend):
     torch.testing.assert_close(got_x0, expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("guided,clip,noise", list(itertools.product([False, True], repeat=3)))
+def test_cpu_fused_f32_pass_large_threaded_and_aliased(guided, clip, noise):
+    """The cpu kernel's single-loop float32 path (every guidance x clip x noise variant) over
+    several parallel chunks per sample, an odd tail, and outputs aliasing sample and
+    model_output element for element."""
+    gen = _gen(11)
+    shape = (3, 4, 97, 89)  # 34532 elements per sample: three 16384-element chunks
+    x = torch.randn(shape, generator=gen)
+    m = torch.randn(shape, generator=gen)
+    kw = dict(eta=0.6 if noise else 0.0, noise=torch.randn(shape, generator=gen))
+    if guided:
+        kw.update(model_output_uncond=torch.randn(shape, generator=gen), guidance_scale=6.0)
+    if clip:
+        kw.update(clip_sample=True, clip_sample_range=0.9)
+    a_t, a_prev = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.4, 0.6, 0.95])
+    r64 = ref.ddim_step(*cast_floats((x, m, a_t, a_prev), torch.float64),
+                        **cast_floats(kw, torch.float64))  # fmt: skip
+    r32 = ref.ddim_step(x, m, a_t, a_prev, **kw)
+    with dlcore.backend("cpu"):
+        prev, x0 = dlcore.ddim_step(x, m, a_t, a_prev, **kw, out=(x, m))
+    assert prev is x and x0 is m
+    assert_parity(prev, r64[0], r32[0], name="prev_sample")
+    assert_parity(x0, r64[1], r32[1], name="pred_original_sample")
+
+
 def _large_allocations(fn, min_bytes):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:  # fmt: skip

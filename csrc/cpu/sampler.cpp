@@ -206,9 +206,72 @@ inline const float* input_tile(const char* src, Dt dt, int64_t n, float* buf) {
   return buf;
 }
 
+// The common step (float32, guidance or not, clip or threshold or neither, no noise or a noise
+// tensor with one scale per sample) in a single loop, from the inputs straight to the outputs,
+// with no tile buffers. Each element is read before it is written, so an output may alias an
+// input element for element: no dependence crosses iterations, which ivdep tells GCC (else it
+// would check the pointers for overlap and fall back to scalar code).
+struct FusedCoeffs {
+  float s, f, ax, am, bound, div, p0, px, pg, sigma;
+};
+
+template <bool kGuide, bool kClip, bool kNoise>
+__attribute__((always_inline)) inline void fused_f32_body(const float* x, const float* m,
+                                                          const float* u, const float* nz,
+                                                          float* prev, float* x0, int64_t n,
+                                                          const FusedCoeffs& k) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    float g = m[i];
+    if (kGuide) g = (u[i] + k.s * (g - u[i])) * k.f;
+    float x0i = k.ax * xi + k.am * g;
+    if (kClip) x0i = std::min(std::max(x0i, -k.bound), k.bound) / k.div;
+    float p = k.p0 * x0i + k.px * xi + k.pg * g;
+    if (kNoise) p += k.sigma * nz[i];
+    prev[i] = p;
+    x0[i] = x0i;
+  }
+}
+
+DLCORE_MULTIVERSION void fused_f32(const float* x, const float* m, const float* u,
+                                   const float* nz, float* prev, float* x0, int64_t n,
+                                   const FusedCoeffs& k, bool guide, bool clip, bool noise) {
+  switch (int(guide) * 4 + int(clip) * 2 + int(noise)) {
+    case 0: return fused_f32_body<false, false, false>(x, m, u, nz, prev, x0, n, k);
+    case 1: return fused_f32_body<false, false, true>(x, m, u, nz, prev, x0, n, k);
+    case 2: return fused_f32_body<false, true, false>(x, m, u, nz, prev, x0, n, k);
+    case 3: return fused_f32_body<false, true, true>(x, m, u, nz, prev, x0, n, k);
+    case 4: return fused_f32_body<true, false, false>(x, m, u, nz, prev, x0, n, k);
+    case 5: return fused_f32_body<true, false, true>(x, m, u, nz, prev, x0, n, k);
+    case 6: return fused_f32_body<true, true, false>(x, m, u, nz, prev, x0, n, k);
+    default: return fused_f32_body<true, true, true>(x, m, u, nz, prev, x0, n, k);
+  }
+}
+
 void step_row(const Row& r, Dt dt, int64_t esize, int64_t begin, int64_t end, uint64_t seed,
               uint64_t row_first, const Flags& f, const StepCoeffs<double>& c, float factor,
               float div, float mask) {
+  if (dt == Dt::F32 && !f.abs_only && f.sigma_mode == kSigmaFixed &&
+      f.noise_mode != kNoiseFused) {
+    FusedCoeffs k;
+    k.s = f.guidance_scale;
+    k.f = factor;
+    k.ax = float(c.ax);
+    k.am = float(c.am);
+    k.bound = f.threshold ? div : f.bound;
+    k.div = div;
+    k.p0 = float(c.p0);
+    k.px = float(c.px);
+    k.pg = float(c.pg);
+    k.sigma = float(c.sigma) * mask;
+    const auto at = [&](const char* p) { return reinterpret_cast<const float*>(p) + begin; };
+    fused_f32(at(r.x), at(r.m), f.has_uncond ? at(r.u) : nullptr,
+              f.noise_mode == kNoiseTensor ? at(r.noise) : nullptr,
+              reinterpret_cast<float*>(r.prev) + begin, reinterpret_cast<float*>(r.x0) + begin,
+              end - begin, k, f.has_uncond, f.clip || f.threshold, f.noise_mode == kNoiseTensor);
+    return;
+  }
   alignas(64) float xs[TILE], ms[TILE], gs[TILE], us[TILE], ns[TILE], vs[TILE], x0[TILE],
       prev[TILE];
   for (int64_t t = begin; t < end; t += TILE) {

@@ -116,10 +116,9 @@ def _rows(t: Tensor, batch: int) -> Tensor:
 
 def _writable_rows(t: Tensor, batch: int) -> tuple[Tensor, bool]:
     """Rows that alias ``t`` when possible, else a scratch to copy back (returned flag)."""
-    r = t.view(batch, -1) if _per_sample_contiguous(t) else None
-    if r is None:
-        return torch.empty((batch, t[0].numel()), dtype=t.dtype, device=t.device), True
-    return r, False
+    if t.is_contiguous() or _per_sample_contiguous(t):
+        return t.view(batch, -1), False
+    return torch.empty((batch, t[0].numel()), dtype=t.dtype, device=t.device), True
 
 
 def _per_sample_contiguous(t: Tensor) -> bool:
@@ -131,17 +130,24 @@ def _per_sample_contiguous(t: Tensor) -> bool:
     return True
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor can touch (empty when it has no elements)."""
+    lo = t.data_ptr()
+    if t.is_contiguous():  # the common case, without walking the strides in Python
+        return lo, lo + t.nbytes
+    if t.numel() == 0:
+        return lo, lo
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return lo, lo + extent * t.element_size()
+
+
+def _spans_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[0] < a[1] and b[0] < b[1]
+
+
 def _overlaps(a: Tensor, b: Tensor) -> bool:
     """Whether the memory spans of two tensors intersect."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def span(t):
-        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
-        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-    (lo_a, hi_a), (lo_b, hi_b) = span(a), span(b)
-    return lo_a < hi_b and lo_b < hi_a
+    return a.device == b.device and _spans_meet(_span(a), _span(b))
 
 
 def _rescale_factor(partial: Tensor, n: int, guidance_rescale: float) -> Tensor:
@@ -172,6 +178,7 @@ def _quantile_rows(rows: Tensor, q: float) -> Tensor:
     return torch.lerp(lo, hi, pos - below)
 
 
+@functools.cache
 def _kernels(backend: str):
     """(step, cfg_stats, quantile) of a kernel backend."""
     if backend == "triton":
@@ -340,7 +347,7 @@ if _ext.CPU_EXT_ERROR is None:
 def _check_choice(name: str, value, choices: Sequence[str]) -> int:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return list(choices).index(value)
+    return choices.index(value)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -370,9 +377,19 @@ def _check_alpha(name: str, alpha, sample: Tensor, allow_zero: bool = False) -> 
         return alpha.expand(batch) if alpha.dim() == 0 else alpha
     if not isinstance(alpha, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(alpha).__name__}")
-    if not (0.0 <= float(alpha) if allow_zero else 0.0 < float(alpha)) or float(alpha) > 1.0:
+    alpha = float(alpha)
+    if not (0.0 <= alpha if allow_zero else 0.0 < alpha) or alpha > 1.0:
         raise ValueError(f"{name} must lie in {lo}, got {alpha}")
-    return torch.full((batch,), float(alpha), dtype=torch.float32, device=sample.device)
+    if torch.compiler.is_compiling():
+        return torch.full((batch,), alpha, dtype=torch.float32, device=sample.device)
+    return _filled_alpha(alpha, batch, sample.device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _filled_alpha(value: float, batch: int, device: torch.device) -> Tensor:
+    """(batch,) float32 of ``value``, read only by the kernels. Cached: a sampling loop reuses
+    a few dozen alphas, and a fresh tensor per call costs a sizeable part of a small step."""
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
 def _check_like(name: str, t: Tensor, sample: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -439,9 +456,12 @@ def _resolve_noise(noise, generator, seed, sample: Tensor, wanted: bool):
 
 
 def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in ts
-    )
+    if not torch.is_grad_enabled():
+        return False
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def _step(
@@ -552,11 +572,12 @@ def _step(
     # float64 and autograd run the differentiable reference; so does a forced eager backend,
     # here with the caller's own alphas (bit for bit diffusers). Under torch.compile the op
     # picks the backend at run time instead.
+    compiling = torch.compiler.is_compiling()
     if sample.dtype == torch.float64 or _needs_grad(
         sample, model_output, model_output_uncond, noise_t, alpha_prod_t, alpha_prod_t_prev
     ):
         eager = True
-    elif torch.compiler.is_compiling():
+    elif compiling:
         eager = False
     else:
         backend = _select(method, sample.device)
@@ -583,14 +604,20 @@ def _step(
         x0 = torch.empty_like(sample, memory_format=torch.contiguous_format)
     else:
         prev, x0 = out
-        for name, o in (("out[0]", prev), ("out[1]", x0)):
+        inputs = [
+            (iname, t, _span(t))
             for iname, t in (
                 ("sample", sample),
                 ("model_output", model_output),
                 ("model_output_uncond", model_output_uncond),
                 ("noise", noise_t),
-            ):
-                if t is None or not _overlaps(o, t):
+            )
+            if t is not None
+        ]
+        for name, o in (("out[0]", prev), ("out[1]", x0)):
+            o_span = _span(o)
+            for iname, t, t_span in inputs:
+                if not _spans_meet(o_span, t_span):
                     continue
                 if o.data_ptr() != t.data_ptr() or o.stride() != t.stride() or o.shape != t.shape:
                     raise ValueError(
@@ -600,12 +627,7 @@ def _step(
     clip_mode = 2 if thresholding else (1 if clip_sample else 0)
     # Outside torch.compile the op wrapper's per-call bookkeeping (hundreds of microseconds) is
     # skipped; the body is the same function.
-    step_fn = (
-        sampler_step_op
-        if torch.compiler.is_compiling()
-        else functools.partial(_sampler_step, backend)
-    )
-    step_fn(
+    args = (
         sample, model_output, model_output_uncond, noise_t, a_t, a_prev, noise_mask,
         _METHODS[method], pred, var, clip_mode, float(clip_sample_range),
         float(dynamic_thresholding_ratio), float(sample_max_value), float(eta),
@@ -613,6 +635,10 @@ def _step(
         float(guidance_scale) if guided else 1.0, float(guidance_rescale), int(seed),
         noise_mode, prev, x0,
     )  # fmt: skip
+    if compiling:
+        sampler_step_op(*args)
+    else:
+        _sampler_step(backend, *args)
     return prev, x0
 
 
