@@ -278,6 +278,8 @@ def test_dropout_stream_is_tritons_tl_rand():
 def test_dropout_parity_with_regenerated_mask(dtype):
     check_case(2, 2, 1, 45, 77, 32, dtype, p=0.3, seed=987654321)
     check_case(1, 2, 2, 45, 77, 32, dtype, p=0.5, seed=5, wr=0, diag=32, softcap=3.0)
+    # A window on both sides: random numbers are drawn only for the visible keys of each row.
+    check_case(1, 2, 1, 150, 140, 24, dtype, p=0.25, seed=2**40 + 3, wl=37, wr=5, diag=-9)
 
 
 def test_dropout_keep_fraction():

@@ -325,12 +325,47 @@ void softmax_grad(const double* P, double* dP, int64_t ld, int64_t rows, int64_t
     for (int64_t j = 0; j < n; ++j) dP[r * ld + j] = P[r * ld + j] * (dP[r * ld + j] - delta[r]);
 }
 
+// Backward with dropout and/or softcap: dP <- P * (dP_kept - Delta_row) [* (1 - tanh^2)], where
+// dP_kept is dP / (1 - p) at kept keys (Pdrop != 0) and 0 at dropped ones (Pdrop null: no
+// dropout; tanh_s null: no softcap); columns n..ld are zeroed.
+template <typename T>
+__attribute__((always_inline)) inline void masked_softmax_grad_body(const T* P, const T* Pdrop,
+                                                                    const T* tanh_s, T* dP,
+                                                                    int64_t ld, int64_t rows,
+                                                                    int64_t n, const T* delta,
+                                                                    T inv_keep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T dr = delta[r];
+    T* d = dP + r * ld;
+    const T* pr = P + r * ld;
+    for (int64_t j = 0; j < n; ++j) {
+      T dpv = d[j];
+      if (Pdrop) dpv = Pdrop[r * ld + j] != T(0) ? dpv * inv_keep : T(0);
+      T ds = pr[j] * (dpv - dr);
+      if (tanh_s) ds *= T(1) - tanh_s[r * ld + j] * tanh_s[r * ld + j];
+      d[j] = ds;
+    }
+    for (int64_t j = n; j < ld; ++j) d[j] = T(0);
+  }
+}
+
+DLCORE_MULTIVERSION void masked_softmax_grad(const float* P, const float* Pdrop,
+                                             const float* tanh_s, float* dP, int64_t ld,
+                                             int64_t rows, int64_t n, const float* delta,
+                                             float inv_keep) {
+  masked_softmax_grad_body(P, Pdrop, tanh_s, dP, ld, rows, n, delta, inv_keep);
+}
+
+void masked_softmax_grad(const double* P, const double* Pdrop, const double* tanh_s, double* dP,
+                         int64_t ld, int64_t rows, int64_t n, const double* delta,
+                         double inv_keep) {
+  masked_softmax_grad_body(P, Pdrop, tanh_s, dP, ld, rows, n, delta, inv_keep);
+}
+
 // Triton's tl.rand(seed, offset): Philox4x32-10 keyed by the seed, counter (offset lo, offset hi,
 // 0, 0), first word mapped to [0, 1) by uint_to_uniform_float.
-inline float philox_uniform(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+inline float philox_uniform_words(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
   uint32_t c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     const uint32_t a = c0, b = c2;
     c0 = static_cast<uint32_t>((uint64_t{0xCD9E8D57u} * b) >> 32) ^ c1 ^ k0;
@@ -343,6 +378,11 @@ inline float philox_uniform(uint64_t seed, uint64_t offset) {
   int32_t x = static_cast<int32_t>(c0);
   x = x < 0 ? ~x : x;
   return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+inline float philox_uniform(uint64_t seed, uint64_t offset) {
+  return philox_uniform_words(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                              static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 struct Problem {
@@ -419,17 +459,38 @@ void apply_score_mods(const Problem& p, T* S, int64_t rows, int64_t b, int64_t h
   }
 }
 
+// tl.rand(seed, base + j) for j < n. A loop of its own, cloned per ISA, so that the ten Philox
+// rounds vectorise (the 32x32->64-bit products map to vpmuludq): scalar, the random numbers
+// cost more than the block's matrix products.
+// When the row does not cross a 2^32 boundary of the offset, the counter's high word is constant
+// and the loop runs on 32-bit lanes only (twice the lanes of 64-bit offsets).
+DLCORE_MULTIVERSION void philox_uniform_row(uint64_t seed, uint64_t base, int64_t n, float* out) {
+  const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  if (uint64_t{lo} + static_cast<uint64_t>(n) <= (uint64_t{1} << 32)) {
+    for (int64_t j = 0; j < n; ++j)
+      out[j] = philox_uniform_words(lo + static_cast<uint32_t>(j), hi, k0, k1);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = philox_uniform(seed, base + static_cast<uint64_t>(j));
+}
+
 template <typename T>
 void apply_dropout(const Problem& p, T* S, int64_t rows, int64_t n, int64_t b, int64_t h,
                    int64_t i0, int64_t j0, T* dst) {
   const float threshold = static_cast<float>(p.dropout_p);
   const T inv_keep = static_cast<T>(1.0 / (1.0 - p.dropout_p));
+  alignas(64) float u[kBlockK];
   for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t base = p.dropout_offset(b, h, i0 + r, j0);
-    for (int64_t j = 0; j < n; ++j) {
-      const bool keep = philox_uniform(p.seed, base + j) > threshold;
-      dst[r * kBlockK + j] = keep ? S[r * kBlockK + j] * inv_keep : T(0);
-    }
+    // Keys the window hides have probability 0 and need no random number.
+    const int64_t lo = std::clamp<int64_t>(p.first_key(i0 + r) - j0, 0, n);
+    const int64_t hi = std::clamp<int64_t>(p.last_key(i0 + r) - j0 + 1, lo, n);
+    T* d = dst + r * kBlockK;
+    const T* s = S + r * kBlockK;
+    philox_uniform_row(p.seed, p.dropout_offset(b, h, i0 + r, j0 + lo), hi - lo, u);
+    for (int64_t j = 0; j < lo; ++j) d[j] = T(0);
+    for (int64_t j = lo; j < hi; ++j) d[j] = u[j - lo] > threshold ? s[j] * inv_keep : T(0);
+    for (int64_t j = hi; j < n; ++j) d[j] = T(0);
   }
 }
 
@@ -642,18 +703,10 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
                  false);
             const T* drow = delta.data() + row0 + i0;
             if (p.dropout_p > 0 || p.softcap > 0) {
-              const T inv_keep = static_cast<T>(1.0 / (1.0 - p.dropout_p));
-              for (int64_t r = 0; r < mq; ++r) {
-                for (int64_t j = 0; j < n; ++j) {
-                  const int64_t e = r * kBlockK + j;
-                  T dpv = dpbuf[e];
-                  if (p.dropout_p > 0) dpv = pdrop[e] != T(0) ? dpv * inv_keep : T(0);
-                  T ds = pbuf[e] * (dpv - drow[r]);
-                  if (p.softcap > 0) ds *= T(1) - tanh_buf[e] * tanh_buf[e];
-                  dpbuf[e] = ds;
-                }
-                for (int64_t j = n; j < kBlockK; ++j) dpbuf[r * kBlockK + j] = T(0);
-              }
+              masked_softmax_grad(pbuf.data(), p.dropout_p > 0 ? pdrop.data() : nullptr,
+                                  p.softcap > 0 ? tanh_buf.data() : nullptr, dpbuf.data(),
+                                  kBlockK, mq, n, drow,
+                                  static_cast<T>(1.0 / (1.0 - p.dropout_p)));
             } else {
               softmax_grad(pbuf.data(), dpbuf.data(), kBlockK, mq, kBlockK, drow);
             }
