@@ -54,6 +54,15 @@ TORCH_LIBRARY(dlcore, m) {
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor(b!) out) -> ()");
 
   // ---- lora (csrc/cpu/lora.cpp) ----
+  // x (tokens, in) and the stacks' last dims unit-stride; lora_A (n, r, in); scalings float32/64
+  // (n,); indices int32 (tokens,), -1 = no adapter (None: one adapter); xa float32 (tokens, r).
+  // See dlcore/ops/lora.py for the contract.
+  m.def(
+      "lora_skinny_fwd_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
+      "Tensor lora_B, Tensor scalings, Tensor? indices, Tensor(a!) out, Tensor(b!) xa) -> ()");
+  m.def(
+      "lora_multi_update_kernel(Tensor x, Tensor lora_A, Tensor lora_B_t, Tensor scalings, "
+      "Tensor indices, Tensor(a!) out, Tensor(b!) xa) -> ()");
 }
 
 // `import dlcore._C` loads this library and so runs the registrations above; it exposes no

@@ -443,3 +443,146 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
         bwd = allocations(lambda: torch.autograd.grad(out, (a, bl), dy))
     assert fwd == [m * r * 4, m * n * 4], fwd
     assert bwd and max(bwd) <= max(m * r, r * k, n * r) * 4, bwd
+
+
+# ---- C++ CPU kernels (csrc/cpu/lora.cpp) -----------------------------------------------------
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not ops._CPU_KERNELS, reason=f"dlcore._C LoRA kernels not built: {dlcore._ext.CPU_EXT_ERROR}"
+)
+
+
+def _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided=False):
+    """x, weight, bias, A (n_ad, r, k), B (n_ad, n, r) as the (n_ad, r, n) storage's transposed
+    view (LoRALinear's layout); with ``strided`` x and weight are row slices of wider buffers."""
+    pad = 7 if strided else 0
+    x = _rand(gen, m, k + pad, dtype=dtype)[:, :k]
+    w = _rand(gen, n, k + pad, scale=k**-0.5, dtype=dtype)[:, :k]
+    b = _rand(gen, n, dtype=dtype)
+    a = _rand(gen, n_ad, r, k, scale=k**-0.5, dtype=dtype)
+    bl = _rand(gen, n_ad, r, n, scale=r**-0.5, dtype=dtype).transpose(1, 2)
+    return x, w, b, a, bl
+
+
+def _multi_ref(x, w, b, a, bl, scal, idx):
+    return ref.lora_linear_multi_reference(x, w, b, a, bl, scal.to(x.dtype), idx)
+
+
+def _xa_ref(x, a, idx):
+    """Each row's rank-r intermediate x A[idx]^T (0 for rows without an adapter)."""
+    xa = torch.einsum("mk,mrk->mr", x, a[idx.long().clamp(min=0)])
+    return xa * (idx >= 0)[:, None]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "m,k,n,r,n_ad,bias,strided",
+    [(1, 33, 17, 1, 1, True, False), (7, 45, 70, 16, 3, False, True),
+     (32, 333, 517, 64, 4, True, True), (5, 16, 64, 256, 2, True, False)],
+)  # fmt: skip
+def test_skinny_kernel_fills_poisoned_outputs(m, k, n, r, n_ad, bias, strided, dtype):
+    """Odd in/out features (vector and weight-block tails), one to 32 tokens, strided rows, B as
+    a transposed view, rows with adapter -1, one adapter (indices None) and several."""
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    x, w, b, a, bl = _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided)
+    b = b if bias else None
+    scal = torch.linspace(0.5, 2.0, n_ad)
+    idx = torch.randint(-1, n_ad, (m,), generator=gen, dtype=torch.int32)
+    idx[0] = -1 if n_ad > 1 else 0
+    indices = idx if n_ad > 1 else None
+    if indices is None:
+        idx = torch.zeros(m, dtype=torch.int32)
+    out, xa = poison_(torch.empty(m, n, dtype=dtype)), poison_(torch.empty(m, r))
+    torch.ops.dlcore.lora_skinny_fwd_kernel(x, w, b, a, bl, scal, indices, out, xa)
+    args64 = [t.double() if t is not None else None for t in (x, w, b, a, bl)]
+    assert_parity(out, _multi_ref(*args64, scal, idx), _multi_ref(x, w, b, a, bl, scal, idx),
+                  name="skinny out")  # fmt: skip
+    assert_parity(xa, _xa_ref(args64[0], args64[3], idx), _xa_ref(x, a, idx), name="skinny xa")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n,r,n_ad", [(50, 45, 70, 8, 3), (97, 130, 33, 100, 5)])
+def test_multi_update_kernel_adds_each_rows_adapter(m, k, n, r, n_ad, dtype):
+    """out (pre-filled) += each row's scaled update, unsorted indices with -1 rows; xa poisoned."""
+    gen = torch.Generator().manual_seed(m)
+    x, w, b, a, bl = _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided=True)
+    scal = torch.linspace(0.5, 2.0, n_ad)
+    idx = torch.randint(-1, n_ad, (m,), generator=gen, dtype=torch.int32)
+    base = torch.nn.functional.linear(x, w, b)
+    out, xa = base.clone(), poison_(torch.empty(m, r))
+    torch.ops.dlcore.lora_multi_update_kernel(x, a, bl.transpose(1, 2), scal, idx, out, xa)
+    args64 = [t.double() for t in (x, w, b, a, bl)]
+    want64 = _multi_ref(*args64, scal, idx) - torch.nn.functional.linear(*args64[:3]) + base
+    assert_parity(out, want64, _multi_ref(x, w, b, a, bl, scal, idx), name="multi update out")
+    assert_parity(xa, _xa_ref(args64[0], args64[3], idx), _xa_ref(x, a, idx), name="update xa")
+
+
+@needs_cpu_kernels
+def test_cpu_backend_reaches_the_kernels():
+    """Up to 32 tokens the cpu backend runs lora_skinny_fwd_kernel; a longer mixed batch runs
+    the BLAS base GEMM and lora_multi_update_kernel; fan_in_fan_out and dropout use BLAS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events() if e.name.startswith("dlcore::lora_")} - {
+            "dlcore::lora_linear", "dlcore::lora_linear_multi"}  # fmt: skip
+
+    x, w, b, a, bl = _single_inputs((4, 8), 45, 70, 8, torch.float32)
+    (xm, wm, bm, am, bml), scal, idx = _multi_inputs((33,), 45, 70, (8, 4), torch.float32)
+    skinny, update = {"dlcore::lora_skinny_fwd_kernel"}, {"dlcore::lora_multi_update_kernel"}
+    with dlcore.backend("cpu"):
+        assert kernels(lambda: dlcore.lora_linear(x, w, b, a, bl, 2.0)) == skinny
+        assert kernels(lambda: dlcore.lora_linear_multi(xm[:32], wm, bm, am, bml, scal,
+                                                         idx[:32])) == skinny  # fmt: skip
+        assert kernels(lambda: dlcore.lora_linear_multi(xm, wm, bm, am, bml, scal, idx)) == update
+        assert not kernels(lambda: dlcore.lora_linear(xm, wm, bm, a, bl, 2.0))
+        assert not kernels(
+            lambda: dlcore.lora_linear(x, w, b, a, bl, 2.0, dropout_p=0.1, training=True, seed=1)
+        )
+
+
+@needs_cpu_kernels
+def test_gradcheck_skinny_path():
+    tensors = _single_inputs((3,), 20, 9, 3, torch.float64, True)
+    tensors = [t.requires_grad_() for t in tensors]
+    with dlcore.backend("cpu"):
+        assert torch.autograd.gradcheck(lambda *t: dlcore.lora_linear(*t, 0.7), tensors)
+
+
+@needs_cpu_kernels
+def test_cpu_kernels_opcheck_and_bad_input():
+    gen = torch.Generator().manual_seed(5)
+    x, w, b, a, bl = _kernel_inputs(6, 20, 9, 4, 2, torch.float32, gen)
+    scal = torch.tensor([0.5, 2.0])
+    idx = torch.tensor([0, -1, 1, 1, 0, -1], dtype=torch.int32)
+    out, xa = torch.empty(6, 9), torch.empty(6, 4)
+    skinny = torch.ops.dlcore.lora_skinny_fwd_kernel
+    update = torch.ops.dlcore.lora_multi_update_kernel
+    torch.library.opcheck(skinny.default, (x, w, b, a, bl, scal, idx, out, xa))
+    torch.library.opcheck(skinny.default, (x, w, None, a[:1], bl[:1], scal[:1], None, out, xa))
+    torch.library.opcheck(update.default, (x, a, bl.transpose(1, 2), scal, idx, out, xa))
+    bad_idx = torch.tensor([0, -1, 2, 1, 0, -1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"adapter index 2 of row 2 is out of range \[-1, 1\]"):
+        skinny(x, w, b, a, bl, scal, bad_idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"adapter index 2 of row 2 is out of range"):
+        update(x, a, bl.transpose(1, 2), scal, bad_idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"indices are required with 2 adapters"):
+        skinny(x, w, b, a, bl, scal, None, out, xa)
+    with pytest.raises(RuntimeError, match=r"xa must be contiguous float32 \(6, 4\)"):
+        skinny(x, w, b, a, bl, scal, idx, out, xa[:, :3])
+    with pytest.raises(RuntimeError, match=r"weight must be \(out, 20\)"):
+        skinny(x, w[:, :19], b, a, bl, scal, idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"lora_B must be \(2, 9, 4\)"):
+        skinny(x, w, b, a, bl[:, :8], scal, idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"out must be \(6, 9\)"):
+        skinny(x, w, b, a, bl, scal, idx, out[:5], xa)
+    with pytest.raises(RuntimeError, match=r"x must be float32 or float64, got BFloat16"):
+        skinny(x.bfloat16(), w, b, a, bl, scal, idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"lora_B_t must be \(2, 4, out\)"):
+        update(x, a, bl, scal, idx, out, xa)
+    with pytest.raises(RuntimeError, match=r"scalings must be float32 or float64 \(2\)"):
+        update(x, a, bl.transpose(1, 2), scal[:1], idx, out, xa)

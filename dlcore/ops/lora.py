@@ -7,10 +7,13 @@ the rank-r intermediate ``xa = drop(x) @ A.T`` (tokens, r) in fp32, which backwa
 saving it costs tokens x r, recomputing it would cost another pass over x.
 
 Backends: ``triton`` (kernels/lora.py: the low-rank update fused into the base GEMM); ``cpu``,
-a composition of BLAS calls that writes the output once (base GEMM with the bias, then an
-in-place rank-r ``addmm_`` with ``alpha=scaling``) and allocates nothing larger than tokens x r
-besides the outputs (dropout works in row chunks); ``eager``, the reference written as peft
-computes it (dlcore/reference/lora.py).
+which writes the output once and allocates nothing larger than tokens x r besides the outputs:
+up to 32 tokens (float32/64) the C++ ``lora_skinny_fwd_kernel`` computes the whole layer in one
+streaming pass over the weight (BLAS would first pack it); beyond that a BLAS base GEMM with the
+bias, then the rank-r update in place (``addmm_`` for one adapter, the C++
+``lora_multi_update_kernel`` for a mixed batch: rows counting-sorted by adapter, no Python loop);
+dropout works in row chunks; half types use BLAS calls throughout. ``eager``, the reference
+written as peft computes it (dlcore/reference/lora.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _ext
 from ..backends import triton_kernels
 from ..reference import lora as ref
-from .common import FLOAT_DTYPES, check_tensor, dispatch, register_autograd
+from .common import FLOAT_DTYPES, check_tensor, dispatch, last_dim_contiguous, register_autograd
 
 _BACKENDS = ("triton", "cpu", "eager")
 # Rows per dropout chunk on the composed path: keeps the masked-input temporary near 4 MB.
@@ -66,6 +70,50 @@ def _shrink_composed(x, lora_a, p, seed):
     return xa
 
 
+def _has_cpu_kernel(name: str) -> bool:
+    return _ext.CPU_EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"dlcore::{name}", "CPU"
+    )
+
+
+# The C++ kernels (csrc/cpu/lora.cpp) take float32/float64; half types run the composed path.
+_CPU_KERNELS = _has_cpu_kernel("lora_skinny_fwd_kernel") and _has_cpu_kernel(
+    "lora_multi_update_kernel"
+)
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+# Up to this many tokens the cpu backend runs the whole layer in lora_skinny_fwd_kernel (one
+# streaming pass over the weight); BLAS wins beyond it, where packing the weight pays off.
+_SKINNY_MAX_ROWS = 32
+
+
+def _skinny(x, weight, fifo) -> bool:
+    return (
+        _CPU_KERNELS
+        and 0 < x.shape[0] <= _SKINNY_MAX_ROWS
+        and x.dtype in _KERNEL_DTYPES
+        and not fifo
+        and weight.stride(1) == 1
+    )
+
+
+def _fwd_skinny(x, weight, bias, a_stack, b_stack, scalings, indices):
+    """out, xa from lora_skinny_fwd_kernel; stacks (n, r, in) / (n, out, r)."""
+    x, a_stack = last_dim_contiguous(x), last_dim_contiguous(a_stack)
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    torch.ops.dlcore.lora_skinny_fwd_kernel(
+        x, weight, bias, a_stack, b_stack, scalings, indices, out, xa
+    )
+    return out, xa
+
+
+def _fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
+    if p <= 0 and _skinny(x, weight, fifo):
+        scal = torch.tensor([scaling], dtype=torch.float64)
+        return _fwd_skinny(x, weight, bias, lora_a[None], lora_b[None], scal, None)
+    return _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
+
+
 def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
     w = _base_t(weight, fifo)
     out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
@@ -77,23 +125,24 @@ def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
 def _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
     need_x, need_w, need_b, need_a, need_bl = needs
     dx, dw, db, da, dbl = (_empty(dy) for _ in range(5))
-    g = torch.mm(dy, lora_b) if (need_x or need_a) else None
+    # The scaling goes onto the (tokens, r) factors, never onto a full-size product.
+    g = torch.mm(dy, lora_b).mul_(scaling) if (need_x or need_a) else None
     if need_x:
         dx = torch.mm(dy, weight.t() if fifo else weight)
         if p <= 0:
-            dx.addmm_(g, lora_a, alpha=scaling)
+            dx.addmm_(g, lora_a)
         else:
             for s, e in _row_chunks(x.shape[0], x.shape[1]):
-                dx[s:e].addcmul_(torch.mm(g[s:e], lora_a), _keep(x, s, e, p, seed), value=scaling)
+                dx[s:e].addcmul_(torch.mm(g[s:e], lora_a), _keep(x, s, e, p, seed))
     if need_a:
         if p <= 0:
-            da = torch.mm(g.t(), x).mul_(scaling)
+            da = torch.mm(g.t(), x)
         else:
             da = torch.zeros_like(lora_a)
             for s, e in _row_chunks(x.shape[0], x.shape[1]):
-                da.addmm_(g[s:e].t(), x[s:e] * _keep(x, s, e, p, seed), alpha=scaling)
+                da.addmm_(g[s:e].t(), x[s:e] * _keep(x, s, e, p, seed))
     if need_bl:
-        dbl = torch.mm(dy.t(), xa.to(dy.dtype)).mul_(scaling)
+        dbl = torch.mm(dy.t(), xa.to(dy.dtype) * scaling)
     if need_w:
         dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
     if need_b:
@@ -134,6 +183,26 @@ def _multi_lora_dense(x, out, a_stack, b_stack, scalings, indices, save_xa):
         return x.new_empty(0, r, dtype=torch.float32)
     rows = torch.arange(m, device=x.device)
     return (xa_all[rows, idx.clamp(min=0)] * (idx >= 0)[:, None]).float()
+
+
+def _multi_fwd_cpu(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
+    if _skinny(x, weight, fifo):
+        out, xa = _fwd_skinny(x, weight, bias, a_stack, b_stack, scalings, indices)
+    elif _CPU_KERNELS and x.shape[0] and x.dtype in _KERNEL_DTYPES:
+        x = last_dim_contiguous(x)
+        w = _base_t(weight, fifo)
+        out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
+        # B as (n, r, out) rows; LoRALinear's stacks are that layout already (a free view).
+        b_t = last_dim_contiguous(b_stack.transpose(1, 2))
+        xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+        torch.ops.dlcore.lora_multi_update_kernel(
+            x, last_dim_contiguous(a_stack), b_t, scalings, indices, out, xa
+        )
+    else:
+        return _multi_fwd_composed(
+            x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa
+        )
+    return out, xa if save_xa else xa.new_empty(0, xa.shape[1])
 
 
 def _multi_fwd_composed(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
@@ -310,7 +379,7 @@ def _lora_linear_op(
     seed: int,
     fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impls = {"triton": _fwd_triton, "cpu": _fwd_composed, "eager": _fwd_eager}
+    impls = {"triton": _fwd_triton, "cpu": _fwd_cpu, "eager": _fwd_eager}
     args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
     return dispatch("lora_linear", impls, x.device, *args)
 
@@ -348,6 +417,18 @@ def _fake_grads(dy, x, weight, lora_a, lora_b, needs):
     )
 
 
+# Fake impls of the C++ kernel ops (schemas in csrc/dlcore.cpp), for opcheck and tracing.
+if _CPU_KERNELS:
+
+    @torch.library.register_fake("dlcore::lora_skinny_fwd_kernel")
+    def _(x, weight, bias, lora_A, lora_B, scalings, indices, out, xa):
+        return None
+
+    @torch.library.register_fake("dlcore::lora_multi_update_kernel")
+    def _(x, lora_A, lora_B_t, scalings, indices, out, xa):
+        return None
+
+
 @_lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs):
     return _fake_grads(dy, x, weight, lora_A, lora_B, needs)
@@ -383,7 +464,7 @@ def _lora_linear_multi_op(
     fan_in_fan_out: bool,
     save_xa: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impls = {"triton": _multi_fwd_triton, "cpu": _multi_fwd_composed, "eager": _multi_fwd_eager}
+    impls = {"triton": _multi_fwd_triton, "cpu": _multi_fwd_cpu, "eager": _multi_fwd_eager}
     args = (x, weight, bias, lora_A, lora_B, scalings, indices, fan_in_fan_out, save_xa)
     return dispatch("lora_linear_multi", impls, x.device, *args)
 

@@ -1,0 +1,390 @@
+// CPU LoRA kernels: dlcore::lora_skinny_fwd_kernel and lora_multi_update_kernel (schemas in
+// csrc/dlcore.cpp, contract in dlcore/ops/lora.py).
+//
+// lora_skinny_fwd_kernel: the whole adapted layer for a few tokens (decoding) in one pass over
+// the base weight. BLAS packs the (out, in) weight before a GEMM with a handful of rows, which
+// reads and writes the whole matrix once more; here each weight row is streamed once and dotted
+// with every token's row (held in L1/L2) in a register-blocked micro-kernel, and bias and the
+// rank-r update are added in the epilogue, so the output is written once. The rank-r
+// intermediate xa = x A^T (tokens x r) is computed first (it is tiny) and is also an output:
+// backward needs it for dB.
+//
+// lora_multi_update_kernel: out += scaling[a] * (x A[a]^T) B[a]^T row by row, each row with its
+// own adapter a (-1: none). Rows are counting-sorted by adapter, so each thread walks runs of rows
+// that share one adapter, whose A and B stay in cache; nothing larger than tokens x r is
+// allocated and no row of x or out is copied.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace dlcore::cpu::lora {
+
+// 64-byte GCC vectors: one zmm register in the AVX-512 clones; `U` loads them unaligned.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));
+  static constexpr int width = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef double U __attribute__((vector_size(64), aligned(8)));
+  static constexpr int width = 8;
+};
+
+constexpr int kRowsPerTile = 4;  // token rows per micro-kernel tile
+constexpr int kColsPerTile = 4;  // weight rows per tile: 16 accumulators in registers
+// Weight rows per parallel task, and the least work (multiply-adds) worth waking the pool for.
+constexpr int64_t kWeightRowsPerTask = 32;
+constexpr int64_t kMinParallelMacs = int64_t(1) << 20;
+// Elements ahead of the current one that the weight streams prefetch.
+constexpr int64_t kPrefetchAhead = 512;
+
+// c[i][j] = <x_i, y_j> over K elements; rows given by pointers (unit stride). Vector
+// accumulators over full vectors, scalar tail, one horizontal sum per product.
+template <typename T, int MB, int NB>
+__attribute__((always_inline)) inline void dot_tile(int64_t K, const T* const* x,
+                                                    const T* const* y, T* c, int64_t ldc) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int W = Vec<T>::width;
+  V acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = V{};
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V yv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      yv[j] = *reinterpret_cast<const U*>(y[j] + k);
+      __builtin_prefetch(y[j] + k + kPrefetchAhead, 0, 0);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const V xv = *reinterpret_cast<const U*>(x[i] + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] += xv * yv[j];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      T s = T(0);
+      for (int l = 0; l < W; ++l) s += acc[i][j][l];
+      for (int64_t kk = k; kk < K; ++kk) s += x[i][kk] * y[j][kk];
+      c[i * ldc + j] = s;
+    }
+}
+
+// c (rows x cols, leading dimension ldc) = dot products of `rows` x-rows with `cols` y-rows.
+template <typename T>
+__attribute__((always_inline)) inline void dot_block_body(int64_t K, const T* const* x,
+                                                          int64_t rows, const T* const* y,
+                                                          int64_t cols, T* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kColsPerTile) {
+    const int nb = static_cast<int>(std::min<int64_t>(kColsPerTile, cols - j0));
+    for (int64_t i0 = 0; i0 < rows; i0 += kRowsPerTile) {
+      const int mb = static_cast<int>(std::min<int64_t>(kRowsPerTile, rows - i0));
+      const T* const* xs = x + i0;
+      const T* const* ys = y + j0;
+      T* cs = c + i0 * ldc + j0;
+#define DLCORE_LORA_TILE(MB_, NB_) \
+  case MB_ * 8 + NB_:              \
+    dot_tile<T, MB_, NB_>(K, xs, ys, cs, ldc); \
+    break;
+      switch (mb * 8 + nb) {
+        DLCORE_LORA_TILE(1, 1) DLCORE_LORA_TILE(1, 2) DLCORE_LORA_TILE(1, 3) DLCORE_LORA_TILE(1, 4)
+        DLCORE_LORA_TILE(2, 1) DLCORE_LORA_TILE(2, 2) DLCORE_LORA_TILE(2, 3) DLCORE_LORA_TILE(2, 4)
+        DLCORE_LORA_TILE(3, 1) DLCORE_LORA_TILE(3, 2) DLCORE_LORA_TILE(3, 3) DLCORE_LORA_TILE(3, 4)
+        DLCORE_LORA_TILE(4, 1) DLCORE_LORA_TILE(4, 2) DLCORE_LORA_TILE(4, 3) DLCORE_LORA_TILE(4, 4)
+        default:
+          break;
+      }
+#undef DLCORE_LORA_TILE
+    }
+  }
+}
+
+DLCORE_MULTIVERSION void dot_block(int64_t K, const float* const* x, int64_t rows,
+                                   const float* const* y, int64_t cols, float* c, int64_t ldc) {
+  dot_block_body(K, x, rows, y, cols, c, ldc);
+}
+
+DLCORE_MULTIVERSION void dot_block(int64_t K, const double* const* x, int64_t rows,
+                                   const double* const* y, int64_t cols, double* c,
+                                   int64_t ldc) {
+  dot_block_body(K, x, rows, y, cols, c, ldc);
+}
+
+// dst[0:n] += sum_r coef[r] * src[r * lds : r * lds + n]: one read and one write of dst.
+template <typename T>
+__attribute__((always_inline)) inline void axpy_rows_body(int64_t n, int64_t R, const T* coef,
+                                                          const T* src, int64_t lds, T* dst) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int W = Vec<T>::width;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    V acc = *reinterpret_cast<const U*>(dst + j);
+    for (int64_t r = 0; r < R; ++r) acc += coef[r] * *reinterpret_cast<const U*>(src + r * lds + j);
+    *reinterpret_cast<U*>(dst + j) = acc;
+  }
+  for (; j < n; ++j) {
+    T acc = dst[j];
+    for (int64_t r = 0; r < R; ++r) acc += coef[r] * src[r * lds + j];
+    dst[j] = acc;
+  }
+}
+
+DLCORE_MULTIVERSION void axpy_rows(int64_t n, int64_t R, const float* coef, const float* src,
+                                   int64_t lds, float* dst) {
+  axpy_rows_body(n, R, coef, src, lds, dst);
+}
+
+DLCORE_MULTIVERSION void axpy_rows(int64_t n, int64_t R, const double* coef, const double* src,
+                                   int64_t lds, double* dst) {
+  axpy_rows_body(n, R, coef, src, lds, dst);
+}
+
+// Shared argument checks of both kernels: they read through raw pointers, so every shape and
+// stride they rely on is verified here.
+struct Adapters {
+  int64_t M, K, n, R;
+  std::vector<int32_t> index;  // per row, -1 = no adapter
+  std::vector<double> scaling;  // per adapter
+};
+
+Adapters check_adapters(const at::Tensor& x, const at::Tensor& A, const at::Tensor& scalings,
+                        const std::optional<at::Tensor>& indices, const at::Tensor& xa) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "lora kernel: x must be (tokens, in) with unit "
+              "inner stride, got shape ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lora kernel: x must be float32 or float64, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(A.dim() == 3 && A.size(2) == K && A.stride(2) == 1 && A.size(0) >= 1 &&
+                  A.size(1) >= 1 && A.scalar_type() == x.scalar_type(),
+              "lora kernel: lora_A must be (n_adapters, r, ", K, ") of x's dtype with unit inner "
+              "stride, got shape ", A.sizes(), " strides ", A.strides(), " dtype ",
+              A.scalar_type());
+  const int64_t n = A.size(0), R = A.size(1);
+  TORCH_CHECK(scalings.dim() == 1 && scalings.size(0) == n &&
+                  (scalings.scalar_type() == at::kFloat ||
+                   scalings.scalar_type() == at::kDouble) && scalings.device().is_cpu(),
+              "lora kernel: scalings must be float32 or float64 (", n, "), got shape ",
+              scalings.sizes(), " dtype ", scalings.scalar_type());
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == R &&
+                  xa.scalar_type() == at::kFloat && xa.is_contiguous(),
+              "lora kernel: xa must be contiguous float32 (", M, ", ", R, "), got shape ",
+              xa.sizes(), " dtype ", xa.scalar_type());
+  Adapters ad{M, K, n, R, std::vector<int32_t>(M, 0), std::vector<double>(n)};
+  const at::Tensor scal = scalings.to(at::kDouble).contiguous();
+  std::copy_n(scal.data_ptr<double>(), n, ad.scaling.begin());
+  if (indices.has_value()) {
+    const at::Tensor& idx = *indices;
+    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == M && idx.scalar_type() == at::kInt &&
+                    idx.is_contiguous(),
+                "lora kernel: indices must be contiguous int32 (", M, "), got shape ", idx.sizes(),
+                " dtype ", idx.scalar_type());
+    const int32_t* p = idx.data_ptr<int32_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(p[m] >= -1 && p[m] < n, "lora kernel: adapter index ", p[m], " of row ", m,
+                  " is out of range [-1, ", n - 1, "]");
+      ad.index[m] = p[m];
+    }
+  } else {
+    TORCH_CHECK(n == 1, "lora kernel: indices are required with ", n, " adapters");
+  }
+  TORCH_CHECK(x.device().is_cpu() && A.device().is_cpu(), "lora kernel: CPU tensors expected");
+  return ad;
+}
+
+void check_out(const at::Tensor& out, const at::Tensor& x, int64_t N) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == N &&
+                  out.stride(1) == 1 && out.scalar_type() == x.scalar_type(),
+              "lora kernel: out must be (", x.size(0), ", ", N, ") of x's dtype with unit inner "
+              "stride, got shape ", out.sizes(), " strides ", out.strides(), " dtype ",
+              out.scalar_type());
+}
+
+// xa[m] = x[m] A[a_m]^T for every row with an adapter (0 for the others), computed in T.
+template <typename T>
+void shrink_rows(const Adapters& ad, const T* x, int64_t ldx, const at::Tensor& A,
+                 const int64_t* order, int64_t begin, int64_t end, T* xa) {
+  const T* a_ptr = A.data_ptr<T>();
+  const int64_t sa0 = A.stride(0), sa1 = A.stride(1);
+  std::vector<const T*> xr(kRowsPerTile), ar(ad.R);
+  std::vector<T> tile(kRowsPerTile * ad.R);
+  int64_t i = begin;
+  while (i < end) {
+    const int32_t a = ad.index[order[i]];
+    int64_t run = 1;
+    while (run < kRowsPerTile && i + run < end && ad.index[order[i + run]] == a) ++run;
+    if (a < 0) {
+      for (int64_t t = 0; t < run; ++t) std::fill_n(xa + order[i + t] * ad.R, ad.R, T(0));
+    } else {
+      for (int64_t t = 0; t < run; ++t) xr[t] = x + order[i + t] * ldx;
+      for (int64_t r = 0; r < ad.R; ++r) ar[r] = a_ptr + a * sa0 + r * sa1;
+      dot_block(ad.K, xr.data(), run, ar.data(), ad.R, tile.data(), ad.R);
+      for (int64_t t = 0; t < run; ++t)
+        std::copy_n(tile.data() + t * ad.R, ad.R, xa + order[i + t] * ad.R);
+    }
+    i += run;
+  }
+}
+
+template <typename T>
+void skinny_fwd(const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                const Adapters& ad, at::Tensor& out, at::Tensor& xa_out) {
+  const int64_t M = ad.M, K = ad.K, R = ad.R, N = weight.size(0);
+  const T* xp = x.data_ptr<T>();
+  const int64_t ldx = x.stride(0);
+  std::vector<int64_t> order(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::vector<T> xa(M * R);
+  shrink_rows<T>(ad, xp, ldx, A, order.data(), 0, M, xa.data());
+  // Fold each row's scaling into its copy of xa: the epilogue is then a plain r-term dot.
+  float* xa_f = xa_out.data_ptr<float>();
+  std::vector<T> xs(M * R);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < R; ++r) {
+      xa_f[m * R + r] = static_cast<float>(xa[m * R + r]);
+      xs[m * R + r] = ad.index[m] < 0 ? T(0) : xa[m * R + r] * T(ad.scaling[ad.index[m]]);
+    }
+  const T* w = weight.data_ptr<T>();
+  const int64_t ldw = weight.stride(0);
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const int64_t sb = bias.has_value() ? bias->stride(0) : 0;
+  const T* b = B.data_ptr<T>();
+  const int64_t sB0 = B.stride(0), sB1 = B.stride(1), sB2 = B.stride(2);
+  T* o = out.data_ptr<T>();
+  const int64_t ldo = out.stride(0);
+  std::vector<const T*> xr(M);
+  for (int64_t m = 0; m < M; ++m) xr[m] = xp + m * ldx;
+  // Blocks of weight rows are handed out dynamically: a thread that starts late (the pool shares
+  // the cores with other work) leaves its share to the others instead of holding up the call.
+  const int64_t blocks = (N + kWeightRowsPerTask - 1) / kWeightRowsPerTask;
+  const int64_t workers =
+      M * N * K < kMinParallelMacs ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<const T*> wr(kWeightRowsPerTask);
+    std::vector<T> c(M * kWeightRowsPerTask);
+    for (int64_t blk; (blk = next_block.fetch_add(1)) < blocks;) {
+      const int64_t n0 = blk * kWeightRowsPerTask;
+      const int64_t nb = std::min(kWeightRowsPerTask, N - n0);
+      for (int64_t j = 0; j < nb; ++j) wr[j] = w + (n0 + j) * ldw;
+      dot_block(K, xr.data(), M, wr.data(), nb, c.data(), kWeightRowsPerTask);
+      for (int64_t m = 0; m < M; ++m) {
+        const int32_t a = ad.index[m];
+        const T* xm = xs.data() + m * R;
+        T* om = o + m * ldo + n0;
+        for (int64_t j = 0; j < nb; ++j) {
+          T v = c[m * kWeightRowsPerTask + j];
+          if (bp) v += bp[(n0 + j) * sb];
+          if (a >= 0) {
+            const T* bj = b + a * sB0 + (n0 + j) * sB1;
+            T u = T(0);
+            for (int64_t r = 0; r < R; ++r) u += xm[r] * bj[r * sB2];
+            v += u;
+          }
+          om[j] = v;
+        }
+      }
+    }
+  });
+}
+
+void lora_skinny_fwd_kernel(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& scalings,
+                            const std::optional<at::Tensor>& indices, at::Tensor& out,
+                            at::Tensor& xa) {
+  const Adapters ad = check_adapters(x, lora_A, scalings, indices, xa);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == ad.K && weight.stride(1) == 1 &&
+                  weight.scalar_type() == x.scalar_type(),
+              "lora_skinny_fwd_kernel: weight must be (out, ", ad.K, ") of x's dtype with unit "
+              "inner stride, got shape ", weight.sizes(), " strides ", weight.strides());
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == ad.n && lora_B.size(1) == N &&
+                  lora_B.size(2) == ad.R && lora_B.scalar_type() == x.scalar_type(),
+              "lora_skinny_fwd_kernel: lora_B must be (", ad.n, ", ", N, ", ", ad.R,
+              ") of x's dtype, got shape ", lora_B.sizes());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
+                "lora_skinny_fwd_kernel: bias must be (", N, ") of x's dtype, got shape ",
+                bias->sizes());
+  check_out(out, x, N);
+  if (x.scalar_type() == at::kFloat)
+    skinny_fwd<float>(x, weight, bias, lora_A, lora_B, ad, out, xa);
+  else
+    skinny_fwd<double>(x, weight, bias, lora_A, lora_B, ad, out, xa);
+}
+
+template <typename T>
+void multi_update(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                  const Adapters& ad, at::Tensor& out, at::Tensor& xa_out) {
+  const int64_t M = ad.M, K = ad.K, R = ad.R, N = Bt.size(2);
+  // Counting sort of the rows by adapter (stable; rows without an adapter first).
+  std::vector<int64_t> start(ad.n + 2, 0), order(M);
+  for (int64_t m = 0; m < M; ++m) ++start[ad.index[m] + 2];
+  for (int64_t a = 0; a <= ad.n; ++a) start[a + 1] += start[a];
+  for (int64_t m = 0; m < M; ++m) order[start[ad.index[m] + 1]++] = m;
+  const T* xp = x.data_ptr<T>();
+  const int64_t ldx = x.stride(0);
+  const T* bt = Bt.data_ptr<T>();
+  const int64_t sb0 = Bt.stride(0), sb1 = Bt.stride(1);
+  T* o = out.data_ptr<T>();
+  const int64_t ldo = out.stride(0);
+  float* xa_f = xa_out.data_ptr<float>();
+  std::vector<T> xa(M * R);
+  const int64_t grain = std::max<int64_t>(
+      kRowsPerTile, M * R * (K + N) < kMinParallelMacs ? M : kMinParallelMacs / (R * (K + N)));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    shrink_rows<T>(ad, xp, ldx, A, order.data(), begin, end, xa.data());
+    std::vector<T> coef(R);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = order[i];
+      const int32_t a = ad.index[m];
+      for (int64_t r = 0; r < R; ++r) xa_f[m * R + r] = static_cast<float>(xa[m * R + r]);
+      if (a < 0) continue;
+      for (int64_t r = 0; r < R; ++r) coef[r] = xa[m * R + r] * T(ad.scaling[a]);
+      axpy_rows(N, R, coef.data(), bt + a * sb0, sb1, o + m * ldo);
+    }
+  });
+}
+
+void lora_multi_update_kernel(const at::Tensor& x, const at::Tensor& lora_A,
+                              const at::Tensor& lora_B_t, const at::Tensor& scalings,
+                              const at::Tensor& indices, at::Tensor& out, at::Tensor& xa) {
+  const Adapters ad = check_adapters(x, lora_A, scalings, indices, xa);
+  TORCH_CHECK(lora_B_t.dim() == 3 && lora_B_t.size(0) == ad.n && lora_B_t.size(1) == ad.R &&
+                  lora_B_t.stride(2) == 1 && lora_B_t.scalar_type() == x.scalar_type(),
+              "lora_multi_update_kernel: lora_B_t must be (", ad.n, ", ", ad.R,
+              ", out) of x's dtype with unit inner stride, got shape ", lora_B_t.sizes(),
+              " strides ", lora_B_t.strides());
+  check_out(out, x, lora_B_t.size(2));
+  if (x.scalar_type() == at::kFloat)
+    multi_update<float>(x, lora_A, lora_B_t, ad, out, xa);
+  else
+    multi_update<double>(x, lora_A, lora_B_t, ad, out, xa);
+}
+
+}  // namespace dlcore::cpu::lora
+
+TORCH_LIBRARY_IMPL(dlcore, CPU, m) {
+  m.impl("lora_skinny_fwd_kernel", &dlcore::cpu::lora::lora_skinny_fwd_kernel);
+  m.impl("lora_multi_update_kernel", &dlcore::cpu::lora::lora_multi_update_kernel);
+}
