@@ -45,6 +45,8 @@ struct Vec<double> {
 
 constexpr int kRowsPerTile = 4;  // token rows per micro-kernel tile
 constexpr int kColsPerTile = 4;  // weight rows per tile: 16 accumulators in registers
+// Rows of one adapter whose update is added per pass over a block of B.
+constexpr int64_t kRunRows = 16;
 // Weight rows per parallel task, and the least work (multiply-adds) worth waking the pool for.
 constexpr int64_t kWeightRowsPerTask = 32;
 constexpr int64_t kMinParallelMacs = int64_t(1) << 20;
@@ -128,34 +130,65 @@ DLCORE_MULTIVERSION void dot_block(int64_t K, const double* const* x, int64_t ro
   dot_block_body(K, x, rows, y, cols, c, ldc);
 }
 
-// dst[0:n] += sum_r coef[r] * src[r * lds : r * lds + n]: one read and one write of dst.
+// dst[i][0:n] += sum_r coef[i * R + r] * src[r * lds : r * lds + n] for `rows` rows sharing one
+// adapter. Column blocks outer, rows inner: each block of src (R x kExpandVecs vectors) is
+// copied into `pack` (contiguous: src's rows are often a power of two apart, and would share
+// L1 sets) and then serves every row from L1; kExpandVecs independent accumulators keep the FMA
+// chains over r from waiting on each other. One read and one write of each dst row, with the
+// row's next block prefetched (rows sorted by adapter are far apart in memory).
+constexpr int kExpandVecs = 8;
+
 template <typename T>
-__attribute__((always_inline)) inline void axpy_rows_body(int64_t n, int64_t R, const T* coef,
-                                                          const T* src, int64_t lds, T* dst) {
+__attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R, int64_t rows,
+                                                            const T* coef, const T* src,
+                                                            int64_t lds, T* const* dst, T* pack) {
   using V = typename Vec<T>::V;
   using U = typename Vec<T>::U;
   constexpr int W = Vec<T>::width;
+  constexpr int BW = kExpandVecs * W;
   int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    V acc = *reinterpret_cast<const U*>(dst + j);
-    for (int64_t r = 0; r < R; ++r) acc += coef[r] * *reinterpret_cast<const U*>(src + r * lds + j);
-    *reinterpret_cast<U*>(dst + j) = acc;
+  for (; j + BW <= n; j += BW) {
+    for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < kExpandVecs; ++v)
+        *reinterpret_cast<U*>(pack + r * BW + v * W) =
+            *reinterpret_cast<const U*>(src + r * lds + j + v * W);
+    for (int64_t i = 0; i < rows; ++i) {
+      V acc[kExpandVecs];
+#pragma GCC unroll 8
+      for (int v = 0; v < kExpandVecs; ++v) {
+        acc[v] = *reinterpret_cast<const U*>(dst[i] + j + v * W);
+        __builtin_prefetch(dst[i] + j + BW + v * W, 1, 0);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const V c = V{} + coef[i * R + r];
+#pragma GCC unroll 8
+        for (int v = 0; v < kExpandVecs; ++v)
+          acc[v] += c * *reinterpret_cast<const U*>(pack + r * BW + v * W);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < kExpandVecs; ++v)
+        *reinterpret_cast<U*>(dst[i] + j + v * W) = acc[v];
+    }
   }
-  for (; j < n; ++j) {
-    T acc = dst[j];
-    for (int64_t r = 0; r < R; ++r) acc += coef[r] * src[r * lds + j];
-    dst[j] = acc;
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t jj = j; jj < n; ++jj) {
+      T acc = dst[i][jj];
+      for (int64_t r = 0; r < R; ++r) acc += coef[i * R + r] * src[r * lds + jj];
+      dst[i][jj] = acc;
+    }
 }
 
-DLCORE_MULTIVERSION void axpy_rows(int64_t n, int64_t R, const float* coef, const float* src,
-                                   int64_t lds, float* dst) {
-  axpy_rows_body(n, R, coef, src, lds, dst);
+DLCORE_MULTIVERSION void expand_rows(int64_t n, int64_t R, int64_t rows, const float* coef,
+                                     const float* src, int64_t lds, float* const* dst,
+                                     float* pack) {
+  expand_rows_body(n, R, rows, coef, src, lds, dst, pack);
 }
 
-DLCORE_MULTIVERSION void axpy_rows(int64_t n, int64_t R, const double* coef, const double* src,
-                                   int64_t lds, double* dst) {
-  axpy_rows_body(n, R, coef, src, lds, dst);
+DLCORE_MULTIVERSION void expand_rows(int64_t n, int64_t R, int64_t rows, const double* coef,
+                                     const double* src, int64_t lds, double* const* dst,
+                                     double* pack) {
+  expand_rows_body(n, R, rows, coef, src, lds, dst, pack);
 }
 
 // Shared argument checks of both kernels: they read through raw pointers, so every shape and
@@ -351,17 +384,28 @@ void multi_update(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt
   float* xa_f = xa_out.data_ptr<float>();
   std::vector<T> xa(M * R);
   const int64_t grain = std::max<int64_t>(
-      kRowsPerTile, M * R * (K + N) < kMinParallelMacs ? M : kMinParallelMacs / (R * (K + N)));
+      kRunRows, M * R * (K + N) < kMinParallelMacs ? M : kMinParallelMacs / (R * (K + N)));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     shrink_rows<T>(ad, xp, ldx, A, order.data(), begin, end, xa.data());
-    std::vector<T> coef(R);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = order[i];
-      const int32_t a = ad.index[m];
-      for (int64_t r = 0; r < R; ++r) xa_f[m * R + r] = static_cast<float>(xa[m * R + r]);
-      if (a < 0) continue;
-      for (int64_t r = 0; r < R; ++r) coef[r] = xa[m * R + r] * T(ad.scaling[a]);
-      axpy_rows(N, R, coef.data(), bt + a * sb0, sb1, o + m * ldo);
+    std::vector<T> coef(kRunRows * R);
+    std::vector<T*> dst(kRunRows);
+    std::vector<T> pack(R * kExpandVecs * Vec<T>::width);
+    int64_t i = begin;
+    while (i < end) {
+      const int32_t a = ad.index[order[i]];
+      int64_t run = 1;
+      while (run < kRunRows && i + run < end && ad.index[order[i + run]] == a) ++run;
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t m = order[i + t];
+        for (int64_t r = 0; r < R; ++r) {
+          xa_f[m * R + r] = static_cast<float>(xa[m * R + r]);
+          if (a >= 0) coef[t * R + r] = xa[m * R + r] * T(ad.scaling[a]);
+        }
+        dst[t] = o + m * ldo;
+      }
+      if (a >= 0)
+        expand_rows(N, R, run, coef.data(), bt + a * sb0, sb1, dst.data(), pack.data());
+      i += run;
     }
   });
 }
