@@ -460,6 +460,31 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
 
+def test_inference_call_skips_the_op_wrapper_with_the_same_result(backend, monkeypatch):
+    """Without autograd or tracing the forward runs the op's body directly (no custom-op
+    bookkeeping); with a tensor requiring grad it goes through the op. Same numbers both ways."""
+    q, k, v = _qkv(2, 37, 53, 4, 2, 24, torch.float32, seed=3)
+    mask = torch.rand(2, 1, 37, 53, generator=torch.Generator().manual_seed(4)) > 0.2
+    calls = []
+    op = ops.attention_fwd
+    monkeypatch.setattr(ops, "attention_fwd", lambda *a: calls.append(1) or op(*a))
+    with torch.no_grad():
+        flash = dlcore.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)[:2]
+        sdpa = dlcore.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                   attn_mask=mask, enable_gqa=True)  # fmt: skip
+    assert calls == []
+    want_flash = op(*(t.transpose(1, 2) for t in (q, k, v)), None, None, 24**-0.5, 53 - 37,
+                    -1, 0, 0.0, 0.0, 0, False)  # fmt: skip
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).expand(2, 4, 37, 53)
+    want_sdpa = op(*(t.transpose(1, 2) for t in (q, k, v)), bias, None, 24**-0.5, 0, -1, -1,
+                   0.0, 0.0, 0, False)[0]  # fmt: skip
+    assert torch.equal(flash[0], want_flash[0].transpose(1, 2))
+    assert torch.equal(flash[1], want_flash[1])
+    assert torch.equal(sdpa, want_sdpa)
+    dlcore.flash_attn_func(q.requires_grad_(), k, v, causal=True)
+    assert calls == [1]
+
+
 def test_meta_tensors():
     q, k, v = (torch.empty(2, 7, 4, 64, device="meta") for _ in range(3))
     out = dlcore.flash_attn_func(q, k, v, causal=True)

@@ -565,6 +565,10 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
         } else {
           pack_rows(vp + vs.offset(b, hk, j0), vs.l, n, D, Dp, T(1), vbuf.data());
         }
+        // Score columns actually computed: the keys of the block rounded up to whole vectors (a
+        // short last block, e.g. 77 text tokens, costs 16 columns, not 64); the rest is unused.
+        constexpr int64_t W = Vec<T>::width;
+        const int64_t ncols = (n + W - 1) / W * W;
         if (mq <= kTileRows) {  // decoding: dot products against row-major keys
           if (kInPlace && D == Dp) {
             dot_rows(mq, n, Dp, qbuf.data(), reinterpret_cast<const T*>(kp + ks.offset(b, hk, j0)),
@@ -574,16 +578,15 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
             dot_rows(mq, n, Dp, qbuf.data(), kt.data(), Dp, sbuf.data());
           }
         } else {
+          // The product's inner dimension is the true head dim: padding columns are zero.
           pack_transposed(kp + ks.offset(b, hk, j0), ks.l, n, D, Dp, kt.data());
-          gemm(mq, kBlockK, Dp, qbuf.data(), Dp, 1, kt.data(), kBlockK, sbuf.data(), kBlockK,
-               false);
+          gemm(mq, ncols, D, qbuf.data(), Dp, 1, kt.data(), kBlockK, sbuf.data(), kBlockK, false);
         }
         const bool mask = !p.block_fully_visible(i0, mq, j0, n);
         if (mask || p.needs_mods())
           apply_score_mods(p, sbuf.data(), mq, b, h, i0, j0, n, mask, static_cast<T*>(nullptr),
                            row_buf.data());
-        online_softmax(sbuf.data(), kBlockK, mq, kBlockK, m.data(), l.data(), obuf.data(), Dp,
-                       Dp);
+        online_softmax(sbuf.data(), kBlockK, mq, ncols, m.data(), l.data(), obuf.data(), Dp, Dp);
         if (p.dropout_p > 0) apply_dropout(p, sbuf.data(), mq, n, b, h, i0, j0, sbuf.data());
         gemm(mq, Dp, n, sbuf.data(), kBlockK, 1, vblock, ldv, pv.data(), Dp, false);
         add_block(obuf.data(), Dp, pv.data(), Dp, mq, Dp);
@@ -683,7 +686,7 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
             const int64_t mq = std::min(kBlockQ, Lq - i0);
             pack_rows(qp + qs.offset(b, h, i0), qs.l, mq, D, Dp, scale, qbuf.data());
             pack_rows(dop + dos.offset(b, h, i0), dos.l, mq, D, Dp, T(1), dobuf.data());
-            gemm(mq, kBlockK, Dp, qbuf.data(), Dp, 1, kt.data(), kBlockK, pbuf.data(), kBlockK,
+            gemm(mq, kBlockK, D, qbuf.data(), Dp, 1, kt.data(), kBlockK, pbuf.data(), kBlockK,
                  false);
             const bool mask = !p.block_fully_visible(i0, mq, j0, n);
             if (mask || p.needs_mods())
@@ -699,7 +702,7 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
             gemm(n, Dp, mq, pd, 1, kBlockK, dobuf.data(), Dp, part.data(), Dp, false);
             add_block(dv_acc.data(), Dp, part.data(), Dp, n, Dp);
             // dP = dO V^T, then dS = P * (dP_drop - Delta) [* (1 - tanh^2)]
-            gemm(mq, kBlockK, Dp, dobuf.data(), Dp, 1, vt.data(), kBlockK, dpbuf.data(), kBlockK,
+            gemm(mq, kBlockK, D, dobuf.data(), Dp, 1, vt.data(), kBlockK, dpbuf.data(), kBlockK,
                  false);
             const T* drow = delta.data() + row0 + i0;
             if (p.dropout_p > 0 || p.softcap > 0) {
