@@ -136,6 +136,10 @@ CASES = [
     # enough channels for the channel-blocked forward (16 per block, a partial tail block)
     ((2, 40, 100, 16), dict(b=2, c="var", init=True)),
     ((1, 64, 70, 8), dict(b="var", c=4, cu=[0, 5, 5, 64, 70], init=True)),
+    # blocked forward with N not a multiple of 8 (state groups of 8, 2 and 1), and N = 64
+    ((1, 32, 37, 5), dict(b="var", c="var")),
+    ((1, 16, 20, 64), dict(b="var", c="var", init=True)),
+    ((2, 48, 90, 1), dict(b="var", c="var", D=False, z=False, bias=False)),
 ]
 
 
@@ -163,6 +167,25 @@ def test_scan_parity_noncontiguous(backend, softplus):
     if not softplus:  # plain delta must stay positive-ish for a stable recurrence
         args[1] = args[1].abs()
     run_scan_parity(backend, torch.float32, args, kwargs, softplus=softplus, noncontig=True)
+
+
+def test_scan_parity_blocked_no_softplus_cpu():
+    """The channel-blocked cpu forward and backward (>= 8 channels per task) with plain delta."""
+    args, kwargs = make_inputs(2, 40, 77, 16, b="var", c="var", init=True, bias=False)
+    args[1] = args[1].abs()
+    run_scan_parity("cpu", torch.float32, args, kwargs, softplus=False)
+
+
+@pytest.mark.parametrize("lo,hi", [(-90.0, -15.0), (-30.0, 30.0), (15.0, 60.0)])
+def test_scan_softplus_extremes_cpu(lo, hi):
+    """The vectorised softplus and exp of the blocked forward, far from the usual range: deep
+    in the exp(x) tail (denormal steps), across softplus' pass-through threshold of 20."""
+    args, kwargs = make_inputs(1, 32, 48, 16)
+    gen = torch.Generator().manual_seed(3)
+    args[1] = torch.rand(args[1].shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    kwargs["delta_bias"] = None
+    args[2] = args[2] / (1.0 + args[1].abs().max())  # keep exp(dt * A) away from 0
+    run_scan_parity("cpu", torch.float32, args, kwargs)
 
 
 @pytest.mark.slow
