@@ -422,7 +422,8 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
     (tokens, out) temporary)."""
     from torch.profiler import ProfilerActivity, profile
 
-    m, k, n, r = 64, 300, 500, 8
+    # 65 tokens: the BLAS composition (up to 64, lora_skinny_fwd_kernel: checked below).
+    m, k, n, r = 65, 300, 500, 8
     x, w, b, a, bl = _single_inputs((m,), k, n, r, torch.float32)
     a.requires_grad_()
     bl.requires_grad_()
@@ -443,6 +444,11 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
         bwd = allocations(lambda: torch.autograd.grad(out, (a, bl), dy))
     assert fwd == [m * r * 4, m * n * 4], fwd
     assert bwd and max(bwd) <= max(m * r, r * k, n * r) * 4, bwd
+    if ops._CPU_KERNELS:
+        with dlcore.backend("cpu"):
+            skinny = allocations(lambda: dlcore.lora_linear(x[:64], w, b, a, bl, 2.0))
+        # out, xa (float32) and the float64 scaling passed to the kernel.
+        assert skinny == [8, 64 * r * 4, 64 * n * 4], skinny
 
 
 # ---- C++ CPU kernels (csrc/cpu/lora.cpp) -----------------------------------------------------
@@ -479,10 +485,10 @@ def _xa_ref(x, a, idx):
 @pytest.mark.parametrize(
     "m,k,n,r,n_ad,bias,strided",
     [(1, 33, 17, 1, 1, True, False), (7, 45, 70, 16, 3, False, True),
-     (32, 333, 517, 64, 4, True, True), (5, 16, 64, 256, 2, True, False)],
+     (64, 333, 517, 64, 4, True, True), (5, 16, 64, 256, 2, True, False)],
 )  # fmt: skip
 def test_skinny_kernel_fills_poisoned_outputs(m, k, n, r, n_ad, bias, strided, dtype):
-    """Odd in/out features (vector and weight-block tails), one to 32 tokens, strided rows, B as
+    """Odd in/out features (vector and weight-block tails), one to 64 tokens, strided rows, B as
     a transposed view, rows with adapter -1, one adapter (indices None) and several."""
     gen = torch.Generator().manual_seed(m * 1000 + k)
     x, w, b, a, bl = _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided)
@@ -521,7 +527,7 @@ def test_multi_update_kernel_adds_each_rows_adapter(m, k, n, r, n_ad, dtype):
 
 @needs_cpu_kernels
 def test_cpu_backend_reaches_the_kernels():
-    """Up to 32 tokens the cpu backend runs lora_skinny_fwd_kernel; a longer mixed batch runs
+    """Up to 64 tokens the cpu backend runs lora_skinny_fwd_kernel; a longer mixed batch runs
     the BLAS base GEMM and lora_multi_update_kernel; fan_in_fan_out and dropout use BLAS."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -532,12 +538,12 @@ def test_cpu_backend_reaches_the_kernels():
             "dlcore::lora_linear", "dlcore::lora_linear_multi"}  # fmt: skip
 
     x, w, b, a, bl = _single_inputs((4, 8), 45, 70, 8, torch.float32)
-    (xm, wm, bm, am, bml), scal, idx = _multi_inputs((33,), 45, 70, (8, 4), torch.float32)
+    (xm, wm, bm, am, bml), scal, idx = _multi_inputs((65,), 45, 70, (8, 4), torch.float32)
     skinny, update = {"dlcore::lora_skinny_fwd_kernel"}, {"dlcore::lora_multi_update_kernel"}
     with dlcore.backend("cpu"):
         assert kernels(lambda: dlcore.lora_linear(x, w, b, a, bl, 2.0)) == skinny
-        assert kernels(lambda: dlcore.lora_linear_multi(xm[:32], wm, bm, am, bml, scal,
-                                                         idx[:32])) == skinny  # fmt: skip
+        assert kernels(lambda: dlcore.lora_linear_multi(xm[:64], wm, bm, am, bml, scal,
+                                                         idx[:64])) == skinny  # fmt: skip
         assert kernels(lambda: dlcore.lora_linear_multi(xm, wm, bm, am, bml, scal, idx)) == update
         assert not kernels(lambda: dlcore.lora_linear(xm, wm, bm, a, bl, 2.0))
         assert not kernels(
