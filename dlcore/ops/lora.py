@@ -438,6 +438,8 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_ou
 def _setup_single(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    # xa is saved for dB, never differentiated: autograd then skips a zero gradient for it.
+    ctx.mark_non_differentiable(output[1])
     ctx.args = (scaling, p, seed, fifo)
 
 
@@ -503,6 +505,7 @@ def _(dy, x, weight, lora_A, lora_B, scalings, indices, xa, fan_in_fan_out, need
 def _setup_multi(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scalings, indices, fifo, _ = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, scalings, indices, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.fifo = fifo
 
 
