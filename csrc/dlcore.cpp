@@ -7,8 +7,9 @@
 
 TORCH_LIBRARY(dlcore, m) {
   // ---- sampler (csrc/cpu/sampler.cpp, csrc/cuda/sampler.cu) ----
-  // Rows: every tensor is (batch, n) with unit inner stride (any batch stride); alphas, cfg_factor,
-  // threshold and noise_mask are float32 (batch,). See dlcore/ops/sampler.py for the contract.
+  // Rows: every tensor is (batch, n) with unit inner stride (any batch stride; the CPU kernels also
+  // take (batch, ...) with contiguous samples); alphas, cfg_factor, threshold and noise_mask are
+  // float32 (batch,). See dlcore/ops/sampler.py for the contract.
   m.def(
       "sampler_step_kernel(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? noise, "
       "Tensor? variance_pred, Tensor alpha_t, Tensor alpha_prev, Tensor? cfg_factor, "

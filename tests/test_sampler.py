@@ -527,6 +527,32 @@ def test_opcheck_kernel_ops():
     )
 
 
+def test_cpu_kernel_takes_samples_as_they_are():
+    """The C++ kernels take (batch, ...) tensors with contiguous samples and any batch stride
+    as they are (no rows view), with the results of the (batch, n) rows; other layouts are
+    refused naming the tensor."""
+    gen = _gen(14)
+    x, u = (torch.randn(3, 4, 7, 5, generator=gen) for _ in range(2))
+    m = torch.randn(6, 4, 7, 5, generator=gen)[::2]  # batch stride only
+    a, ap = torch.tensor([0.3, 0.6, 0.45]), torch.tensor([0.5, 0.8, 0.7])
+    step = torch.ops.dlcore.sampler_step_kernel
+
+    def run(xs, ms, us, outs):
+        step(xs, ms, us, None, None, a, ap, None, None, None, 0, 2, 0, 1, 0.8, 0.0, False, 2.5,
+             0, 0, False, *outs)  # fmt: skip
+
+    nd = tuple(poison_(torch.empty(3, 4, 7, 5)) for _ in range(2))
+    rows = tuple(poison_(torch.empty(3, 140)) for _ in range(2))
+    run(x, m, u, nd)
+    run(x.reshape(3, -1), m.reshape(3, -1), u.reshape(3, -1), rows)
+    for got, want in zip(nd, rows, strict=True):
+        assert torch.equal(got.reshape(3, -1), want)
+    with pytest.raises(RuntimeError, match="model_output must have contiguous samples"):
+        run(x, m.transpose(2, 3), u, nd)
+    with pytest.raises(RuntimeError, match=r"uncond must hold 3 samples of 140 elements"):
+        run(x, m, u[:, :3], nd)
+
+
 def test_torch_compile_fullgraph():
     gen = _gen(13)
     x, m, u = (torch.randn(SHAPE, generator=gen) for _ in range(3))

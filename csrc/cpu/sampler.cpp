@@ -326,10 +326,24 @@ const char* row_ptr(const c10::optional<at::Tensor>& t, int64_t b) {
   return static_cast<const char*>(t->data_ptr()) + b * t->stride(0) * t->element_size();
 }
 
+// Elements per sample of a (batch, ...) tensor.
+int64_t sample_numel(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, "sampler kernels take (batch, ...) tensors, got a 0-d tensor");
+  return t.size(0) == 0 ? 0 : t.numel() / t.size(0);
+}
+
+// B samples of N elements, each sample contiguous (any batch stride): rows (B, N) with unit
+// inner stride, or the caller's (B, C, H, W) tensor itself, so the op layer makes no views.
 void check_rows(const char* name, const at::Tensor& t, int64_t B, int64_t N, Dt dt) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N, name, " must have shape (", B,
-              ", ", N, "), got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || N <= 1, name, " must have unit stride in its last dimension");
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) == B && sample_numel(t) == N, name, " must hold ", B,
+              " samples of ", N, " elements, got shape ", t.sizes());
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1 && N > 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name,
+                " must have contiguous samples (any batch stride), got shape ", t.sizes(),
+                " and strides ", t.strides());
+    expected *= t.size(d);
+  }
   TORCH_CHECK(dtype_of(t) == dt, name, " must have the sample's dtype");
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
@@ -350,7 +364,7 @@ void sampler_step_cpu(const at::Tensor& sample, const at::Tensor& model_output,
                       double clip_range, double eta, bool use_clipped_model_output,
                       double guidance_scale, int64_t seed, int64_t noise_mode, bool abs_x0_only,
                       at::Tensor& prev_sample, at::Tensor& pred_original_sample) {
-  const int64_t B = sample.size(0), N = sample.size(1);
+  const int64_t B = sample.size(0), N = sample_numel(sample);
   const Dt dt = dtype_of(sample);
   check_rows("sample", sample, B, N, dt);
   check_rows("model_output", model_output, B, N, dt);
@@ -438,7 +452,7 @@ DLCORE_MULTIVERSION void stats_chunk(const float* c, const float* u, int64_t n, 
 
 void sampler_cfg_stats_cpu(const at::Tensor& cond, const at::Tensor& uncond,
                            double guidance_scale, at::Tensor& partial) {
-  const int64_t B = cond.size(0), N = cond.size(1);
+  const int64_t B = cond.size(0), N = sample_numel(cond);
   const Dt dt = dtype_of(cond);
   check_rows("cond", cond, B, N, dt);
   check_rows("uncond", uncond, B, N, dt);
@@ -465,7 +479,7 @@ void sampler_cfg_stats_cpu(const at::Tensor& cond, const at::Tensor& uncond,
 // scratch holds |x0| and may be permuted), clamped to [min_value, max_value].
 void sampler_quantile_cpu(at::Tensor& scratch, double ratio, double min_value, double max_value,
                           at::Tensor& out) {
-  const int64_t B = scratch.size(0), N = scratch.size(1);
+  const int64_t B = scratch.size(0), N = sample_numel(scratch);
   const Dt dt = dtype_of(scratch);
   check_rows("scratch", scratch, B, N, dt);
   TORCH_CHECK(N > 0, "the quantile needs at least one element per sample");

@@ -17,7 +17,8 @@ Kernel contract (C++ ops declared in csrc/dlcore.cpp; the Triton launchers
                       variance_type, clip_mode, clip_range, eta, use_clipped_model_output,
                       guidance_scale, seed, noise_mode, abs_x0_only, prev_sample!,
                       pred_original_sample!)
-    Tensors are rows (batch, n), unit inner stride, any batch stride, all one dtype
+    Tensors are rows (batch, n), unit inner stride, any batch stride (the C++ cpu kernels also
+    take (batch, ...) tensors whose samples are contiguous, as they are), all one dtype
     (fp32/fp16/bf16); math in fp32. alpha_t, alpha_prev, cfg_factor, threshold, noise_mask are
     float32 (batch,) (any stride, 0 broadcasts). method 0 DDIM, 1 DDPM, 2 DDIM inversion;
     prediction 0 epsilon, 1 sample, 2 v_prediction; variance_type indexes VARIANCE_TYPES;
@@ -114,10 +115,17 @@ def _rows(t: Tensor, batch: int) -> Tensor:
     return r
 
 
-def _writable_rows(t: Tensor, batch: int) -> tuple[Tensor, bool]:
-    """Rows that alias ``t`` when possible, else a scratch to copy back (returned flag)."""
+def _samples(t: Tensor, batch: int) -> Tensor:
+    """For the cpu kernels, which take (batch, ...) tensors whose samples are contiguous as they
+    are: ``t`` itself, or a contiguous copy (no view to build on the common path)."""
+    return t if t.is_contiguous() or _per_sample_contiguous(t) else t.contiguous()
+
+
+def _writable_rows(t: Tensor, batch: int, keep_shape: bool) -> tuple[Tensor, bool]:
+    """Rows that alias ``t`` when possible (``t`` itself with ``keep_shape``), else a scratch to
+    copy back (returned flag)."""
     if t.is_contiguous() or _per_sample_contiguous(t):
-        return t.view(batch, -1), False
+        return (t if keep_shape else t.view(batch, -1)), False
     return torch.empty((batch, t[0].numel()), dtype=t.dtype, device=t.device), True
 
 
@@ -197,19 +205,21 @@ def _run_kernels(
 ):  # fmt: skip
     step, cfg_stats, quantile = _kernels(backend)
     batch = sample.shape[0]
+    n = sample.numel() // batch
     channels = sample.shape[1] if sample.dim() > 1 else 1
-    x = _rows(sample, batch)
+    cpu = backend == "cpu"
+    rows = _samples if cpu else _rows
+    x = rows(sample, batch)
     variance_pred = None
     if VARIANCE_TYPES[variance_type] in _LEARNED:
-        variance_pred = _rows(model_output[:, channels:], batch)
+        variance_pred = rows(model_output[:, channels:], batch)
         model_output = model_output[:, :channels]
         uncond = uncond[:, :channels] if uncond is not None else None
-    m = _rows(model_output, batch)
-    u = _rows(uncond, batch) if uncond is not None else None
-    nz = _rows(noise, batch) if noise_mode == 1 else None
-    n = x.shape[1]
-    prev, copy_prev = _writable_rows(prev_sample, batch)
-    x0, copy_x0 = _writable_rows(pred_original_sample, batch)
+    m = rows(model_output, batch)
+    u = rows(uncond, batch) if uncond is not None else None
+    nz = rows(noise, batch) if noise_mode == 1 else None
+    prev, copy_prev = _writable_rows(prev_sample, batch, cpu)
+    x0, copy_x0 = _writable_rows(pred_original_sample, batch, cpu)
     factor = None
     if u is not None and guidance_rescale > 0.0:
         partial = torch.empty(

@@ -203,10 +203,9 @@ class _SchedulerBase:
     def _host_tables(self) -> dict[str, Tensor]:
         return {"alphas_cumprod": self.alphas_cumprod}
 
-    def _alpha_t(self, timestep, device) -> Tensor | float:
-        """alphas_cumprod[timestep]: a Python float for a host timestep (the float32 value
+    def _alpha_t(self, timestep, t: int | None, device) -> Tensor | float:
+        """alphas_cumprod[timestep]: a Python float for a host timestep ``t`` (the float32 value
         exactly), else a gather on the device."""
-        t = _host_scalar(timestep)
         if t is not None:
             return self._alphas_list[t]
         return self._table(device)["alphas_cumprod"][timestep.to(device)]
@@ -276,9 +275,8 @@ class DDIMScheduler(_SchedulerBase):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(ts).to(device)
 
-    def _alpha_prev(self, timestep, device) -> Tensor | float:
+    def _alpha_prev(self, timestep, t: int | None, device) -> Tensor | float:
         offset = self.config["num_train_timesteps"] // self.num_inference_steps
-        t = _host_scalar(timestep)
         if t is not None:
             return (
                 self._alphas_list[t - offset]
@@ -313,9 +311,10 @@ class DDIMScheduler(_SchedulerBase):
         :func:`dlcore.ddim_step`."""
         self._require_steps()
         device = sample.device
+        host_t = _host_scalar(timestep)
         prev_sample, pred_original_sample = ddim_step(
-            sample, model_output, self._alpha_t(timestep, device),
-            self._alpha_prev(timestep, device), eta=eta, noise=variance_noise,
+            sample, model_output, self._alpha_t(timestep, host_t, device),
+            self._alpha_prev(timestep, host_t, device), eta=eta, noise=variance_noise,
             generator=generator, seed=seed, prediction_type=self.config["prediction_type"],
             clip_sample=self.config["clip_sample"],
             clip_sample_range=self.config["clip_sample_range"],
