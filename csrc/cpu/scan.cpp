@@ -584,10 +584,14 @@ DLCORE_AVX512_FN void transpose16(const float* src, int64_t ss, float* dst, int6
 // block_steps with A2 = A * log2(e) ([N][kBlock]) for states [n0, n0 + NB): their part of y
 // is stored (first) or added. The NB states stay in registers across the steps; NB = 8 leaves
 // registers for the polynomial constants (16 would spill).
+// pf: cache lines to prefetch (npf of them), spread over the steps so the memory traffic of
+// the next chunk overlaps this chunk's arithmetic.
 template <int NB>
 DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
     int64_t steps, int64_t N, int64_t n0, bool first, const float* dt, const float* du,
-    const float* A2, const float* B, const float* C, float* h, float* y) {
+    const float* A2, const float* B, const float* C, float* h, float* y,
+    const char* const* pf, int64_t npf) {
+  const int64_t pf_per_step = steps > 0 ? (npf + steps - 1) / steps : 0;
   __m512 H[NB], Av[NB];
   for (int j = 0; j < NB; ++j) {
     H[j] = _mm512_loadu_ps(h + (n0 + j) * kBlock);
@@ -597,6 +601,8 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
     const __m512 d = _mm512_loadu_ps(dt + i * kBlock), x = _mm512_loadu_ps(du + i * kBlock);
     const float* b = B + i * N + n0;
     const float* c = C + i * N + n0;
+    for (int64_t k = i * pf_per_step; k < std::min(npf, (i + 1) * pf_per_step); ++k)
+      _mm_prefetch(pf[k], _MM_HINT_T0);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
@@ -616,13 +622,14 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
 
 DLCORE_AVX512_FN void block_steps_avx512(int64_t s, int64_t N, const float* dt, const float* du,
                                          const float* A2, const float* B, const float* C,
-                                         float* h, float* y) {
+                                         float* h, float* y, const char* const* pf,
+                                         int64_t npf) {
   int64_t n0 = 0;
-  for (; n0 + 8 <= N; n0 += 8)
-    block_states_avx512<8>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y);
-  for (; n0 + 2 <= N; n0 += 2)
-    block_states_avx512<2>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y);
-  if (n0 < N) block_states_avx512<1>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y);
+  for (; n0 + 8 <= N; n0 += 8, npf = 0)
+    block_states_avx512<8>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
+  for (; n0 + 2 <= N; n0 += 2, npf = 0)
+    block_states_avx512<2>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
+  if (n0 < N) block_states_avx512<1>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
 }
 #endif
 
@@ -774,23 +781,28 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
   const bool avx512 = std::is_same_v<T, float> && has_avx512();
 #endif
   // The block reads 16 rows far apart (3 inputs) and writes 16: more streams than the hardware
-  // prefetcher follows. Fetch the next chunk's lines while this chunk computes.
-  auto prefetch_chunk = [&](int64_t c) {
-    const int64_t t0 = c * cs, t1 = std::min(L, t0 + cs);
-    const int64_t line = 64 / sizeof(T);
+  // prefetcher follows. The cache lines of the next chunk are prefetched during this chunk's
+  // steps (AVX-512 path).
+  std::vector<const char*> lines;
+  auto next_chunk_lines = [&](int64_t c) {
+    lines.clear();
+    if (c >= p.nchunks) return;
+    const int64_t t0 = c * cs, t1 = std::min(L, t0 + cs), line = 64 / sizeof(T);
     for (int64_t w = 0; w < width; ++w) {
       const int64_t off = (b * p.dim + d0 + w) * L;
       for (int64_t t = t0; t < t1; t += line) {
-        __builtin_prefetch(p.u + off + t, 0, 2);
-        __builtin_prefetch(p.delta + off + t, 0, 2);
-        if (p.z) __builtin_prefetch(p.z + off + t, 0, 2);
-        __builtin_prefetch(out + off + t, 1, 2);
+        lines.push_back((const char*)(p.u + off + t));
+        lines.push_back((const char*)(p.delta + off + t));
+        if (p.z) lines.push_back((const char*)(p.z + off + t));
+        lines.push_back((const char*)(out + off + t));
       }
     }
   };
   for (int64_t c = 0; c < p.nchunks; ++c) {
     const int64_t t0 = c * cs;
-    if (c + 1 < p.nchunks) prefetch_chunk(c + 1);
+#ifdef DLCORE_AVX512
+    if (avx512) next_chunk_lines(c + 1);
+#endif
     chunk_pieces(p, c, pieces);
     for (const Piece& q : pieces) {
       if (q.a == p.starts[q.s]) {
@@ -817,7 +829,8 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
 #ifdef DLCORE_AVX512
       if constexpr (std::is_same_v<T, float>) {
         if (avx512) {
-          block_steps_avx512(n, N, DT, DU, A2, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y);
+          block_steps_avx512(n, N, DT, DU, A2, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y,
+                             lines.data(), (int64_t)lines.size());
         } else {
           block_steps(n, N, DT, DU, A, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y);
         }
