@@ -485,13 +485,18 @@ def _xa_ref(x, a, idx):
 @pytest.mark.parametrize(
     "m,k,n,r,n_ad,bias,strided",
     [(1, 33, 17, 1, 1, True, False), (7, 45, 70, 16, 3, False, True),
-     (64, 333, 517, 64, 4, True, True), (5, 16, 64, 256, 2, True, False)],
+     (64, 333, 517, 64, 4, True, True), (5, 16, 64, 256, 2, True, False),
+     (40, 300, 97, 128, 1, True, True)],
 )  # fmt: skip
 def test_skinny_kernel_fills_poisoned_outputs(m, k, n, r, n_ad, bias, strided, dtype):
-    """Odd in/out features (vector and weight-block tails), one to 64 tokens, strided rows, B as
-    a transposed view, rows with adapter -1, one adapter (indices None) and several."""
+    """Odd in/out features (vector and weight-block tails), one to 64 tokens, strided rows, rows
+    with adapter -1, one adapter (indices None, B (out, r) as peft stores it) and several (B a
+    transposed (n, r, out) view, as LoRALinear stacks them); a rank-r phase big enough to be
+    split across threads."""
     gen = torch.Generator().manual_seed(m * 1000 + k)
     x, w, b, a, bl = _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided)
+    if n_ad == 1:
+        bl = bl.contiguous()
     b = b if bias else None
     scal = torch.linspace(0.5, 2.0, n_ad)
     idx = torch.randint(-1, n_ad, (m,), generator=gen, dtype=torch.int32)

@@ -171,6 +171,13 @@ __attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R
         *reinterpret_cast<U*>(dst[i] + j + v * W) = acc[v];
     }
   }
+  for (; j + W <= n; j += W)
+    for (int64_t i = 0; i < rows; ++i) {
+      V acc = *reinterpret_cast<const U*>(dst[i] + j);
+      for (int64_t r = 0; r < R; ++r)
+        acc += (V{} + coef[i * R + r]) * *reinterpret_cast<const U*>(src + r * lds + j);
+      *reinterpret_cast<U*>(dst[i] + j) = acc;
+    }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t jj = j; jj < n; ++jj) {
       T acc = dst[i][jj];
@@ -287,8 +294,12 @@ void skinny_fwd(const at::Tensor& x, const at::Tensor& weight,
   std::vector<int64_t> order(M);
   for (int64_t m = 0; m < M; ++m) order[m] = m;
   std::vector<T> xa(M * R);
-  shrink_rows<T>(ad, xp, ldx, A, order.data(), 0, M, xa.data());
-  // Fold each row's scaling into its copy of xa: the epilogue is then a plain r-term dot.
+  const int64_t shrink_grain =
+      M * R * K < kMinParallelMacs ? M : std::max<int64_t>(1, kMinParallelMacs / (R * K));
+  at::parallel_for(0, M, shrink_grain, [&](int64_t begin, int64_t end) {
+    shrink_rows<T>(ad, xp, ldx, A, order.data(), begin, end, xa.data());
+  });
+  // Fold each row's scaling into its copy of xa: the epilogue is then a plain r-term sum.
   float* xa_f = xa_out.data_ptr<float>();
   std::vector<T> xs(M * R);
   for (int64_t m = 0; m < M; ++m)
@@ -302,6 +313,9 @@ void skinny_fwd(const at::Tensor& x, const at::Tensor& weight,
   const int64_t sb = bias.has_value() ? bias->stride(0) : 0;
   const T* b = B.data_ptr<T>();
   const int64_t sB0 = B.stride(0), sB1 = B.stride(1), sB2 = B.stride(2);
+  // B[a] read as rows over the outputs (Bt[r][n]): in place when B is an (n, r, out) storage's
+  // view (LoRALinear's stacks), else a block at a time transposed into a buffer (peft's (out, r)).
+  const bool bt_in_place = sB1 == 1;
   T* o = out.data_ptr<T>();
   const int64_t ldo = out.stride(0);
   std::vector<const T*> xr(M);
@@ -313,28 +327,38 @@ void skinny_fwd(const at::Tensor& x, const at::Tensor& weight,
       M * N * K < kMinParallelMacs ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
   std::atomic<int64_t> next_block{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    constexpr int64_t ldc = kWeightRowsPerTask;
     std::vector<const T*> wr(kWeightRowsPerTask);
-    std::vector<T> c(M * kWeightRowsPerTask);
+    // expand_pack: expand_rows' block buffer, untouched here (a weight block never fills one).
+    std::vector<T> c(M * ldc), bt_block(R * ldc), expand_pack(R * kExpandVecs * Vec<T>::width);
     for (int64_t blk; (blk = next_block.fetch_add(1)) < blocks;) {
       const int64_t n0 = blk * kWeightRowsPerTask;
       const int64_t nb = std::min(kWeightRowsPerTask, N - n0);
       for (int64_t j = 0; j < nb; ++j) wr[j] = w + (n0 + j) * ldw;
-      dot_block(K, xr.data(), M, wr.data(), nb, c.data(), kWeightRowsPerTask);
+      dot_block(K, xr.data(), M, wr.data(), nb, c.data(), ldc);
+      int32_t packed = -1;
       for (int64_t m = 0; m < M; ++m) {
         const int32_t a = ad.index[m];
-        const T* xm = xs.data() + m * R;
-        T* om = o + m * ldo + n0;
-        for (int64_t j = 0; j < nb; ++j) {
-          T v = c[m * kWeightRowsPerTask + j];
-          if (bp) v += bp[(n0 + j) * sb];
-          if (a >= 0) {
-            const T* bj = b + a * sB0 + (n0 + j) * sB1;
-            T u = T(0);
-            for (int64_t r = 0; r < R; ++r) u += xm[r] * bj[r * sB2];
-            v += u;
+        T* cm = c.data() + m * ldc;
+        if (a >= 0) {
+          const T* bt = b + a * sB0 + n0 * sB1;
+          int64_t ldbt = sB2;
+          if (!bt_in_place) {
+            if (packed != a) {
+              for (int64_t j = 0; j < nb; ++j)
+                for (int64_t r = 0; r < R; ++r) bt_block[r * ldc + j] = bt[j * sB1 + r * sB2];
+              packed = a;
+            }
+            bt = bt_block.data();
+            ldbt = ldc;
           }
-          om[j] = v;
+          expand_rows(nb, R, 1, xs.data() + m * R, bt, ldbt, &cm, expand_pack.data());
         }
+        T* om = o + m * ldo + n0;
+        if (bp)
+          for (int64_t j = 0; j < nb; ++j) om[j] = cm[j] + bp[(n0 + j) * sb];
+        else
+          std::copy_n(cm, nb, om);
       }
     }
   });
