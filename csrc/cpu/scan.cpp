@@ -255,6 +255,47 @@ DLCORE_SCAN_KERNELS(float, DLCORE_MULTIVERSION)
 DLCORE_SCAN_KERNELS(double, )
 #undef DLCORE_SCAN_KERNELS
 
+// One decode step for rows [r0, r1) of (batch, dim): the N loop vectorised, one call per
+// task (per-row calls into the multiversioned step functions cost more than the step).
+template <typename T>
+__attribute__((always_inline)) inline void state_update_rows_impl(
+    int64_t r0, int64_t r1, int64_t dim, int64_t N, int64_t GB, int64_t GC, const T* x,
+    const T* dt, const T* A, const T* B, const T* C, const T* D, const T* z, const T* bias,
+    bool sp, T* state, T* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / dim, d = r % dim;
+    const T* bb = B + (b * GB + d / (dim / GB)) * N;
+    const T* cc = C + (b * GC + d / (dim / GC)) * N;
+    const T* a = A + d * N;
+    T* h = state + r * N;
+    T dtv = dt[r] + (bias ? bias[d] : T(0));
+    if (sp) dtv = softplus_<T>(dtv);
+    const T du = dtv * x[r];
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      const T hn = exp_<T>(dtv * a[n]) * h[n] + du * bb[n];
+      h[n] = hn;
+      acc += hn * cc[n];
+    }
+    T y = acc + (D ? D[d] * x[r] : T(0));
+    if (z) y *= z[r] * sigmoid_<T>(z[r]);
+    out[r] = y;
+  }
+}
+
+#define DLCORE_STATE_UPDATE(T, ATTR)                                                            \
+  ATTR void state_update_rows(int64_t r0, int64_t r1, int64_t dim, int64_t N, int64_t GB,     \
+                              int64_t GC, const T* x, const T* dt, const T* A, const T* B,      \
+                              const T* C, const T* D, const T* z, const T* bias, bool sp,      \
+                              T* state, T* out) {                                               \
+    state_update_rows_impl<T>(r0, r1, dim, N, GB, GC, x, dt, A, B, C, D, z, bias, sp, state,  \
+                              out);                                                             \
+  }
+DLCORE_STATE_UPDATE(float, DLCORE_MULTIVERSION)
+DLCORE_STATE_UPDATE(double, )
+#undef DLCORE_STATE_UPDATE
+
 // ---------------------------------------------------------------- channel-blocked forward
 // The forward for variable B/C runs kBlock channels at once, vectorised across channels: the
 // channels of a group share B_t and C_t, so the N loop broadcasts two scalars and the output
@@ -1429,16 +1470,11 @@ void selective_state_update_kernel(const Tensor& state, const Tensor& x, const T
     const T *xp = ptr(xc), *dtp = ptr(dtc), *Ap = ptr(Ac), *Bp = ptr(Bc), *Cp = ptr(Cc);
     const T *Dp = ptr(Dc), *zp = ptr(zc), *bp = ptr(bc);
     T *sp = ptr(st), *op = ptr(o);
-    at::parallel_for(0, batch * dim, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / dim, d = r % dim;
-        const int64_t gb = b * GB + d / (dim / GB), gc = b * GC + d / (dim / GC);
-        T dtv, duv, y;
-        prep(1, dtp + r, xp + r, bp ? bp[d] : T(0), dt_softplus, &dtv, &duv, (T*)nullptr);
-        steps_y(1, N, &dtv, &duv, Ap + d * N, Bp + gb * N, 0, Cp + gc * N, 0,
-                sp + r * N, &y);
-        post(1, &y, xp + r, Dp ? Dp[d] : T(0), zp ? zp + r : nullptr, op + r);
-      }
+    // Threads only for large steps: a wake-up costs more than a few thousand state updates.
+    const int64_t grain = std::max<int64_t>(64, 32768 / N);
+    at::parallel_for(0, batch * dim, grain, [&](int64_t r0, int64_t r1) {
+      state_update_rows(r0, r1, dim, N, GB, GC, xp, dtp, Ap, Bp, Cp, Dp, zp, bp, dt_softplus, sp,
+                        op);
     });
   });
   if (!st.is_same(state)) state.copy_(st);
