@@ -438,7 +438,7 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_ou
 def _setup_single(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
-    # xa is saved for dB, never differentiated: autograd then skips a zero gradient for it.
+    # xa is an output only so that backward can reuse it for dB; it has no gradient.
     ctx.mark_non_differentiable(output[1])
     ctx.args = (scaling, p, seed, fifo)
 
