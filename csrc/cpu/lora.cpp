@@ -50,14 +50,17 @@ constexpr int64_t kRunRows = 16;
 // Weight rows per parallel task, and the least work (multiply-adds) worth waking the pool for.
 constexpr int64_t kWeightRowsPerTask = 32;
 constexpr int64_t kMinParallelMacs = int64_t(1) << 20;
-// Elements ahead of the current one that the weight streams prefetch.
-constexpr int64_t kPrefetchAhead = 512;
+// Elements ahead of the current one that the last weight tile of a block prefetches.
+constexpr int64_t kPrefetchAhead = 2048;
 
 // c[i][j] = <x_i, y_j> over K elements; rows given by pointers (unit stride). Vector
-// accumulators over full vectors, scalar tail, one horizontal sum per product.
+// accumulators over full vectors, scalar tail, one horizontal sum per product. pf[j] is
+// prefetched alongside y[j]: the rows of the next tile (streamed weight rows arrive from memory
+// a tile ahead), or further along the same row for the last tile.
 template <typename T, int MB, int NB>
 __attribute__((always_inline)) inline void dot_tile(int64_t K, const T* const* x,
-                                                    const T* const* y, T* c, int64_t ldc) {
+                                                    const T* const* y, const T* const* pf, T* c,
+                                                    int64_t ldc) {
   using V = typename Vec<T>::V;
   using U = typename Vec<T>::U;
   constexpr int W = Vec<T>::width;
@@ -72,7 +75,7 @@ __attribute__((always_inline)) inline void dot_tile(int64_t K, const T* const* x
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       yv[j] = *reinterpret_cast<const U*>(y[j] + k);
-      __builtin_prefetch(y[j] + k + kPrefetchAhead, 0, 0);
+      __builtin_prefetch(pf[j] + k, 0, 3);
     }
 #pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) {
@@ -97,6 +100,9 @@ __attribute__((always_inline)) inline void dot_block_body(int64_t K, const T* co
                                                           int64_t cols, T* c, int64_t ldc) {
   for (int64_t j0 = 0; j0 < cols; j0 += kColsPerTile) {
     const int nb = static_cast<int>(std::min<int64_t>(kColsPerTile, cols - j0));
+    const T* pf[kColsPerTile];
+    for (int j = 0; j < nb; ++j)
+      pf[j] = j0 + nb + j < cols ? y[j0 + nb + j] : y[j0 + j] + kPrefetchAhead;
     for (int64_t i0 = 0; i0 < rows; i0 += kRowsPerTile) {
       const int mb = static_cast<int>(std::min<int64_t>(kRowsPerTile, rows - i0));
       const T* const* xs = x + i0;
@@ -104,7 +110,7 @@ __attribute__((always_inline)) inline void dot_block_body(int64_t K, const T* co
       T* cs = c + i0 * ldc + j0;
 #define DLCORE_LORA_TILE(MB_, NB_) \
   case MB_ * 8 + NB_:              \
-    dot_tile<T, MB_, NB_>(K, xs, ys, cs, ldc); \
+    dot_tile<T, MB_, NB_>(K, xs, ys, pf, cs, ldc); \
     break;
       switch (mb * 8 + nb) {
         DLCORE_LORA_TILE(1, 1) DLCORE_LORA_TILE(1, 2) DLCORE_LORA_TILE(1, 3) DLCORE_LORA_TILE(1, 4)
