@@ -171,7 +171,6 @@ for _t, _goal in (
             peer="peft",
             flops=_flops(_t),
             devices=CPU,
-            quick=_t != 64,
             goal=_goal,
         )
     )
