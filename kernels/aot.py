@@ -38,6 +38,7 @@ class Spec:
     num_warps: int = 4
     num_stages: int = 2
     label: str = ""
+    maxnreg: int | None = None  # ptxas register cap (.maxnreg), as the launcher passes it
 
 
 def _jit_function(kernel: Any) -> Any:
@@ -82,7 +83,11 @@ def compile_spec(spec: Spec, arch: int) -> dict[str, Any]:
                 compiled = triton.compile(
                     src,
                     target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+                    options={
+                        "num_warps": spec.num_warps,
+                        "num_stages": spec.num_stages,
+                        **({"maxnreg": spec.maxnreg} if spec.maxnreg else {}),
+                    },
                 )
         usage = _resource_usage(compiled.asm["cubin"])
         spill = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
