@@ -41,6 +41,13 @@ class Spec:
     maxnreg: int | None = None  # ptxas register cap (.maxnreg), as the launcher passes it
 
 
+def max_registers(num_warps: int) -> int:
+    """The ptxas register cap (.maxnreg) a block of ``num_warps`` warps can still launch with
+    (64K registers per SM, at most 255 per thread). Left alone, ptxas often caps at 80 or 128
+    registers and spills; launchers pass this as ``maxnreg`` and their specs carry it."""
+    return min(255, 65536 // (32 * num_warps) // 8 * 8)
+
+
 def _jit_function(kernel: Any) -> Any:
     while hasattr(kernel, "fn") and not hasattr(kernel, "src"):
         kernel = kernel.fn  # Autotuner / Heuristics wrap the JITFunction

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from dlcore.reference.lora import dropout_threshold
 
-from .aot import Spec
+from .aot import Spec, max_registers
 
 MODE_SINGLE, MODE_SEGMENTED, MODE_GATHER = 0, 1, 2
 # Larger ranks use the fp32 (tokens, r) buffer, so registers stay spill-free; the segmented
@@ -310,7 +310,17 @@ def r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def t_in_loop(r: int, mode: int = MODE_SINGLE) -> bool:
+def reg_cap(dt: str, num_warps: int) -> int | None:
+    """ptxas register cap: fp16/bf16 tiles spill under ptxas' own cap (128 on sm_90) and fit
+    under the launchable maximum; fp32 tiles fit under ptxas' own choice and spill with .maxnreg
+    set (AOT reports, triton 3.9)."""
+    return None if dt == "fp32" else max_registers(num_warps)
+
+
+def t_in_loop(r: int, mode: int = MODE_SINGLE, dtype: torch.dtype | None = None) -> bool:
+    # fp32 segmented tiles (FMA dots plus the tile map) spill on sm_90 at any rank: buffer.
+    if mode == MODE_SEGMENTED and dtype == torch.float32:
+        return False
     return r_pad(r) <= (R_IN_LOOP_MAX_SEGMENTED if mode == MODE_SEGMENTED else R_IN_LOOP_MAX)
 
 
@@ -401,6 +411,7 @@ def _fused(
         MODE=mode, T_IN_LOOP=in_loop, R_PAD=r_pad(r), BM=cfg["BM"], BN=cfg["BN"], BK=BK,
         R_CHUNK=R_CHUNK, PREC=_prec_of(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        maxnreg=reg_cap(_DT_NAMES[x.dtype], cfg["num_warps"]),
     )  # fmt: skip
 
 
@@ -420,7 +431,7 @@ def _shrink(x, p, p_strides, r, t, *, p_drop=0.0, seed=0, idx=None):
         m, k, r, x.stride(0), x.stride(1), *p_strides,
         inv_keep, int(seed), thr, int(p_drop > 0 and not gather),
         GATHER=gather, BM=bm, BR=SHRINK_BR, BK=BK if gather else shrink_bk(_DT_NAMES[x.dtype]),
-        PREC=_prec_of(x.dtype), num_warps=4, num_stages=2,
+        PREC=_prec_of(x.dtype), num_warps=4, num_stages=2, maxnreg=reg_cap(_DT_NAMES[x.dtype], 4),
     )  # fmt: skip
 
 
@@ -438,6 +449,7 @@ def _matmul_tn(lmat, rmat, c, *, scaling=1.0, p_drop=0.0, seed=0, rows=None, m=N
         float(scaling), inv_keep, int(seed), thr, int(p_drop > 0), int(rows is not None),
         BP=cfg["BP"], BQ=cfg["BQ"], BM=cfg["BM"], PREC=_prec_of(c.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        maxnreg=reg_cap(_DT_NAMES[c.dtype], cfg["num_warps"]),
     )  # fmt: skip
 
 
@@ -512,7 +524,7 @@ def lora_multi_forward(x, weight, bias, a_stack, b_stack, scalings, indices, fif
     p_strides = (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1))
     q_strides = (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1))
     t_buf = None
-    if mode == MODE_GATHER or not t_in_loop(r, mode):
+    if mode == MODE_GATHER or not t_in_loop(r, mode, x.dtype):
         _shrink(x, a_stack, p_strides, r, xa, idx=indices)
         t_buf = xa
     _fused(
@@ -534,7 +546,7 @@ def lora_multi_backward(
     if need_x:
         mode, cfg, seg = _multi_plan(indices, n_adapters, m, dy.dtype)
         t_buf = None
-        if mode == MODE_GATHER or not t_in_loop(r, mode):
+        if mode == MODE_GATHER or not t_in_loop(r, mode, dy.dtype):
             t_buf = g if g is not None else torch.empty(m, r, device=dy.device)
             _shrink(dy, b_stack, p_strides, r, t_buf, idx=indices)
         _fused(
@@ -595,7 +607,8 @@ def _aot_specs() -> list[Spec]:
         for m in (16, 4096):
             cfg = fused_config(m, dt)
             variants = [(MODE_SINGLE, True, rp) for rp in (16, 32, 64)]
-            variants += [(MODE_SEGMENTED, True, rp) for rp in (16, 32)]
+            if dt != "fp32":
+                variants += [(MODE_SEGMENTED, True, rp) for rp in (16, 32)]
             variants += [(MODE_SINGLE, False, 16), (MODE_SEGMENTED, False, 16)]
             if m <= 16:
                 variants.append((MODE_GATHER, False, 16))
@@ -616,6 +629,7 @@ def _aot_specs() -> list[Spec]:
                         },  # fmt: skip
                         num_warps=cfg["num_warps"],
                         num_stages=cfg["num_stages"],
+                        maxnreg=reg_cap(dt, cfg["num_warps"]),
                         label=f"{dt} mode{mode} {'loop' if in_loop else 'buf'} r{rp} bm{cfg['BM']}",
                     )
                 )
@@ -640,6 +654,7 @@ def _aot_specs() -> list[Spec]:
                     },  # fmt: skip
                     num_warps=4,
                     num_stages=2,
+                    maxnreg=reg_cap(dt, 4),
                     label=f"{dt} {'gather' if gather else 'dense'}",
                 )
             )
@@ -665,6 +680,7 @@ def _aot_specs() -> list[Spec]:
                     },  # fmt: skip
                     num_warps=tn_config(dt)["num_warps"],
                     num_stages=tn_config(dt)["num_stages"],
+                    maxnreg=reg_cap(dt, tn_config(dt)["num_warps"]),
                     label=f"{l_dt}x{r_dt}->{dt}",
                 )
             )

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import Spec
+from .aot import Spec, max_registers
 
 BLOCK = 1024
 STATS_CHUNK = 4096  # dlcore/ops/sampler.py STATS_CHUNK
@@ -165,6 +165,7 @@ def sampler_step(
         int(seed), int(cfg_factor is not None), int(noise_mask is not None),
         HAS_UNCOND=uncond is not None, NOISE_MODE=noise_mode, SIGMA_MODE=sigma_mode,
         ABS_ONLY=bool(abs_x0_only), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        maxnreg=max_registers(NUM_WARPS),
     )  # fmt: skip
 
 
@@ -174,7 +175,7 @@ def sampler_cfg_stats(cond, uncond, guidance_scale, partial):
     chunks = partial.shape[1]
     sampler_cfg_stats_kernel[(chunks, batch)](
         cond, uncond, partial, n, cond.stride(0), uncond.stride(0), float(guidance_scale), chunks,
-        CHUNK=STATS_CHUNK, num_warps=8,
+        CHUNK=STATS_CHUNK, num_warps=8, maxnreg=max_registers(8),
     )  # fmt: skip
 
 
@@ -231,6 +232,7 @@ def _aot_specs() -> list[Spec]:
                         BLOCK=BLOCK,
                     ),  # fmt: skip
                     num_warps=NUM_WARPS,
+                    maxnreg=max_registers(NUM_WARPS),
                     label=f"{short} cfg={int(uncond)} noise={noise} sigma={sigma}"
                     + (" abs" if abs_only else ""),
                 )
@@ -251,6 +253,7 @@ def _aot_specs() -> list[Spec]:
                 },  # fmt: skip
                 dict(CHUNK=STATS_CHUNK),
                 num_warps=8,
+                maxnreg=max_registers(8),
                 label=short,
             )
         )

@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import Spec
+from .aot import Spec, max_registers
 
 # Elements of one (BLOCK_L, BLOCK_N) tile per program, and per thread (registers: about 30 per
-# element forward, 110 backward). Left alone, ptxas caps sm_90 code at 128 registers and spills;
-# the launchers raise the cap to what the block size allows (_maxnreg), and the backward tile
-# keeps 8 warps so that cap is 255 (AOT reports: every variant spill-free).
+# element forward, 110 backward). Left alone, ptxas caps sm_90 code at 128 registers and
+# spills; the launchers raise the cap to what the block size allows (aot.max_registers), and the
+# backward tile keeps 8 warps so that cap is 255 (AOT reports: every variant spill-free).
 _FWD_TILE = 1024
 _BWD_TILE = 512
 _FWD_PER_THREAD = 4
@@ -470,11 +470,6 @@ def _warps(block_l_: int, block_n_: int, per_thread: int) -> int:
     return max(1, min(16, block_l_ * block_n_ // (32 * per_thread)))
 
 
-def _maxnreg(warps: int) -> int:
-    """The most registers per thread a block of ``warps`` warps can launch with (64K per SM)."""
-    return min(255, 65536 // (32 * warps) // 8 * 8)
-
-
 def _bc_strides(M: torch.Tensor) -> tuple[int, int, int, int]:
     """(is_var, batch stride, group-or-channel stride, N stride) of B or C."""
     if M.dim() == 2:
@@ -535,7 +530,7 @@ def selective_scan_fwd(
         b_var, c_var, int(D is not None), int(z is not None), int(delta_bias is not None),
         int(bool(delta_softplus)), int(h0 is not None), varlen,
         BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn, _FWD_PER_THREAD),
-        maxnreg=_maxnreg(_warps(bl, bn, _FWD_PER_THREAD)),
+        maxnreg=max_registers(_warps(bl, bn, _FWD_PER_THREAD)),
     )  # fmt: skip
 
 
@@ -634,7 +629,7 @@ def selective_scan_bwd(
         int(bool(delta_softplus)), int(h0 is not None), varlen, int(dlast is not None),
         db_mode, dc_mode,
         BLOCK_L=bl, BLOCK_N=bn, num_warps=_warps(bl, bn, _BWD_PER_THREAD),
-        maxnreg=_maxnreg(_warps(bl, bn, _BWD_PER_THREAD)),
+        maxnreg=max_registers(_warps(bl, bn, _BWD_PER_THREAD)),
     )  # fmt: skip
     # Fixed-order sums over batch rows and channel runs (torch's reductions are deterministic).
     for fin in finish:
@@ -704,7 +699,7 @@ def _aot_specs() -> list[Spec]:
                 _signature(selective_scan_fwd_kernel, fwd_ptrs, ("BLOCK_L", "BLOCK_N")),
                 {"BLOCK_L": bl, "BLOCK_N": bn},
                 num_warps=_warps(bl, bn, _FWD_PER_THREAD),
-                maxnreg=_maxnreg(_warps(bl, bn, _FWD_PER_THREAD)),
+                maxnreg=max_registers(_warps(bl, bn, _FWD_PER_THREAD)),
                 label=f"{name} N<={bn} L-tile {bl}",
             ))  # fmt: skip
             bwd_ptrs = {k: v for k, v in fwd_ptrs.items() if k not in ("out_ptr", "last_ptr")}
@@ -718,7 +713,7 @@ def _aot_specs() -> list[Spec]:
                 _signature(selective_scan_bwd_kernel, bwd_ptrs, ("BLOCK_L", "BLOCK_N")),
                 {"BLOCK_L": bl, "BLOCK_N": bn},
                 num_warps=_warps(bl, bn, _BWD_PER_THREAD),
-                maxnreg=_maxnreg(_warps(bl, bn, _BWD_PER_THREAD)),
+                maxnreg=max_registers(_warps(bl, bn, _BWD_PER_THREAD)),
                 label=f"{name} N<={bn} L-tile {bl}",
             ))  # fmt: skip
             upd_ptrs = dict.fromkeys(("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"), io)

@@ -54,11 +54,6 @@ def test_aot_compiles_every_variant(aot_rows, capsys):
     assert all(r["spill_bytes"] is not None for r in aot_rows), "ptxas reported no spill figures"
 
 
-@pytest.mark.xfail(
-    reason="known spills (ptxas log): scan backward and small-N forward tiles, sampler "
-    "fused-noise variants (8 B), 6 lora fused tiles",
-    strict=False,
-)
 def test_aot_variants_do_not_spill(aot_rows):
     spilled = [
         f"{r['kernel']} {r['label']} {r['arch']} ({r['spill_bytes']} B)"
