@@ -407,7 +407,7 @@ def _check_like(name: str, t: Tensor, sample: Tensor, shape: tuple[int, ...]) ->
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != sample.device:
         raise ValueError(f"{name} must be on {sample.device} like sample, got {t.device}")
-    if _shape(t) != shape:
+    if t.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {_shape(t)}")
     if t.dtype != sample.dtype:
         raise ValueError(f"{name} must have the sample's dtype {sample.dtype}, got {t.dtype}")
@@ -535,7 +535,7 @@ def _step(
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
     if guided and model_output_uncond is None:
         concat = (2 * mo_shape[0], *mo_shape[1:])
-        if not isinstance(model_output, torch.Tensor) or _shape(model_output) != concat:
+        if not isinstance(model_output, torch.Tensor) or model_output.shape != concat:
             got = _shape(model_output) if isinstance(model_output, torch.Tensor) else None
             raise ValueError(
                 f"model_output must have shape {concat} (unconditional and conditional outputs "
