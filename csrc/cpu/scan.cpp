@@ -463,6 +463,20 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline __m512 sigmoid_ps(__m512 
   return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
+// block_post for float: y = (y + D u) * silu(z), in place.
+DLCORE_AVX512_FN void block_post_avx512(int64_t steps, const float* D, const float* u,
+                                        const float* z, float* y) {
+  const __m512 Dv = _mm512_loadu_ps(D);
+  for (int64_t i = 0; i < steps; ++i) {
+    __m512 v = _mm512_fmadd_ps(Dv, _mm512_loadu_ps(u + i * kBlock), _mm512_loadu_ps(y + i * kBlock));
+    if (z) {
+      const __m512 zi = _mm512_loadu_ps(z + i * kBlock);
+      v = _mm512_mul_ps(v, _mm512_mul_ps(zi, sigmoid_ps(zi)));
+    }
+    _mm512_storeu_ps(y + i * kBlock, v);
+  }
+}
+
 // Backward prep: dt = softplus?(delta + bias) in place, du = dt * u, dsp = d dt / d delta.
 DLCORE_AVX512_FN void block_prep_bwd_avx512(int64_t steps, const float* bias, bool softplus,
                                             float* dt, const float* u, float* du, float* dsp) {
@@ -625,14 +639,19 @@ DLCORE_AVX512_FN void transpose16(const float* src, int64_t ss, float* dst, int6
 // block_steps with A2 = A * log2(e) ([N][kBlock]) for states [n0, n0 + NB): their part of y
 // is stored (first) or added. The NB states stay in registers across the steps; NB = 8 leaves
 // registers for the polynomial constants (16 would spill).
-// pf: cache lines to prefetch (npf of them), spread over the steps so the memory traffic of
+// pf (when given): cache lines to prefetch, one (row, line) per step, so the memory traffic of
 // the next chunk overlaps this chunk's arithmetic.
+struct Prefetch {
+  const char* base[4];  // the arrays' lane-0 rows at the next chunk's first step
+  int narrays;
+  int64_t row_bytes, lines_per_row, rows;
+};
+
 template <int NB>
 DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
     int64_t steps, int64_t N, int64_t n0, bool first, const float* dt, const float* du,
-    const float* A2, const float* B, const float* C, float* h, float* y,
-    const char* const* pf, int64_t npf) {
-  const int64_t pf_per_step = steps > 0 ? (npf + steps - 1) / steps : 0;
+    const float* A2, const float* B, const float* C, float* h, float* y, const Prefetch* pf) {
+  const int64_t npf = pf ? pf->rows * pf->lines_per_row : 0;
   __m512 H[NB], Av[NB];
   for (int j = 0; j < NB; ++j) {
     H[j] = _mm512_loadu_ps(h + (n0 + j) * kBlock);
@@ -642,8 +661,11 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
     const __m512 d = _mm512_loadu_ps(dt + i * kBlock), x = _mm512_loadu_ps(du + i * kBlock);
     const float* b = B + i * N + n0;
     const float* c = C + i * N + n0;
-    for (int64_t k = i * pf_per_step; k < std::min(npf, (i + 1) * pf_per_step); ++k)
-      _mm_prefetch(pf[k], _MM_HINT_T0);
+    if (i < npf) {
+      const int64_t r = i / pf->lines_per_row;
+      const int64_t off = r * pf->row_bytes + (i - r * pf->lines_per_row) * 64;
+      for (int a = 0; a < pf->narrays; ++a) _mm_prefetch(pf->base[a] + off, _MM_HINT_T0);
+    }
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
@@ -663,14 +685,13 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline void block_states_avx512(
 
 DLCORE_AVX512_FN void block_steps_avx512(int64_t s, int64_t N, const float* dt, const float* du,
                                          const float* A2, const float* B, const float* C,
-                                         float* h, float* y, const char* const* pf,
-                                         int64_t npf) {
+                                         float* h, float* y, const Prefetch* pf) {
   int64_t n0 = 0;
-  for (; n0 + 8 <= N; n0 += 8, npf = 0)
-    block_states_avx512<8>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
-  for (; n0 + 2 <= N; n0 += 2, npf = 0)
-    block_states_avx512<2>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
-  if (n0 < N) block_states_avx512<1>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf, npf);
+  for (; n0 + 8 <= N; n0 += 8, pf = nullptr)
+    block_states_avx512<8>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf);
+  for (; n0 + 2 <= N; n0 += 2, pf = nullptr)
+    block_states_avx512<2>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf);
+  if (n0 < N) block_states_avx512<1>(s, N, n0, n0 == 0, dt, du, A2, B, C, h, y, pf);
 }
 #endif
 
@@ -806,14 +827,15 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
     bias[w] = p.bias ? p.bias[d0 + w] : T(0);
     D[w] = p.D ? p.D[d0 + w] : T(0);
   }
+  // States are (N, lane) here and (channel, N) rows outside: the same transposes as the inputs.
   auto load_state = [&](const T* src_of_lane0, int64_t stride_rows, bool zero) {
-    for (int64_t w = 0; w < width; ++w)
-      for (int64_t n = 0; n < N; ++n)
-        H[n * K + w] = zero ? T(0) : src_of_lane0[w * stride_rows + n];
+    if (zero)
+      std::fill(H, H + N * K, T(0));
+    else
+      to_lanes(src_of_lane0, stride_rows, width, N, H);
   };
   auto store_state = [&](T* dst_lane0, int64_t stride_rows) {
-    for (int64_t w = 0; w < width; ++w)
-      for (int64_t n = 0; n < N; ++n) dst_lane0[w * stride_rows + n] = H[n * K + w];
+    from_lanes(H, width, N, dst_lane0, stride_rows);
   };
   auto gather = [&](const T* src, int64_t t0, int64_t steps, T* dst) {
     to_lanes(src + (b * p.dim + d0) * L + t0, L, width, steps, dst);
@@ -824,21 +846,20 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
   // The block reads 16 rows far apart (3 inputs) and writes 16: more streams than the hardware
   // prefetcher follows. The cache lines of the next chunk are prefetched during this chunk's
   // steps (AVX-512 path).
-  std::vector<const char*> lines;
+#ifdef DLCORE_AVX512
+  Prefetch pf{};
   auto next_chunk_lines = [&](int64_t c) {
-    lines.clear();
+    pf.rows = 0;
     if (c >= p.nchunks) return;
-    const int64_t t0 = c * cs, t1 = std::min(L, t0 + cs), line = 64 / sizeof(T);
-    for (int64_t w = 0; w < width; ++w) {
-      const int64_t off = (b * p.dim + d0 + w) * L;
-      for (int64_t t = t0; t < t1; t += line) {
-        lines.push_back((const char*)(p.u + off + t));
-        lines.push_back((const char*)(p.delta + off + t));
-        if (p.z) lines.push_back((const char*)(p.z + off + t));
-        lines.push_back((const char*)(out + off + t));
-      }
-    }
+    const int64_t t0 = c * cs, off = (b * p.dim + d0) * L + t0;
+    pf.narrays = 0;
+    for (const T* a : {p.u, p.delta, p.z, (const T*)out})
+      if (a) pf.base[pf.narrays++] = (const char*)(a + off);
+    pf.row_bytes = L * (int64_t)sizeof(T);
+    pf.lines_per_row = ((std::min(L, t0 + cs) - t0) * (int64_t)sizeof(T) + 63) / 64;
+    pf.rows = width;
   };
+#endif
   for (int64_t c = 0; c < p.nchunks; ++c) {
     const int64_t t0 = c * cs;
 #ifdef DLCORE_AVX512
@@ -871,7 +892,7 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
       if constexpr (std::is_same_v<T, float>) {
         if (avx512) {
           block_steps_avx512(n, N, DT, DU, A2, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y,
-                             lines.data(), (int64_t)lines.size());
+                             &pf);
         } else {
           block_steps(n, N, DT, DU, A, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y);
         }
@@ -880,7 +901,17 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
       {
         block_steps(n, N, DT, DU, A, p.bptr(b, d0, q.a), p.cptr(b, d0, q.a), H, Y);
       }
-      block_post(n, D, U, p.z ? Z : nullptr, Y);
+#ifdef DLCORE_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512)
+          block_post_avx512(n, D, U, p.z ? Z : nullptr, Y);
+        else
+          block_post(n, D, U, p.z ? Z : nullptr, Y);
+      } else
+#endif
+      {
+        block_post(n, D, U, p.z ? Z : nullptr, Y);
+      }
       from_lanes(Y, width, n, out + (b * p.dim + d0) * L + q.a, L);
       if (q.b == p.ends[q.s])
         store_state(last + (p.state_row(b, q.s) * p.dim + d0) * N, N);
@@ -1091,10 +1122,8 @@ void backward_blocked(const Problem<float>& p, const Grads<float>& g, int64_t b,
   // Rows of (batch, dim, *) tensors for lane w of block j; states (.., N) likewise.
   auto width_of = [&](int64_t j) { return std::min(K, d1 - (d0 + j * K)); };
   auto load_state = [&](const float* src, int64_t stride, int64_t width, float* dst) {
-    std::fill(dst, dst + S, 0.0f);
-    if (src)
-      for (int64_t w = 0; w < width; ++w)
-        for (int64_t n = 0; n < N; ++n) dst[n * K + w] = src[w * stride + n];
+    if (width < K || !src) std::fill(dst, dst + S, 0.0f);
+    if (src) to_lanes(src, stride, width, N, dst);
   };
   for (int64_t j = 0; j < nb; ++j) {
     float* q = blk_ptr(j);
