@@ -291,6 +291,30 @@ def test_state_update_parity(backend, dtype, groups, extras):
     assert_parity(state, state64, state_ref, name="state")
 
 
+@pytest.mark.parametrize("batch,dim,n,groups", [(2, 21, 5, 3), (1, 34, 20, None), (5, 7, 33, 7)])
+def test_state_update_parity_odd_sizes_cpu(batch, dim, n, groups):
+    """Row counts not a multiple of 16 and N with a masked tail (the vectorised cpu path)."""
+    gen = torch.Generator().manual_seed(4)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    bc_shape = (batch, n) if groups is None else (batch, groups, n)
+    args = (rnd(batch, dim, n), rnd(batch, dim), rnd(batch, dim, scale=0.5))
+    args += (-torch.exp(rnd(dim, n, scale=0.5)), rnd(*bc_shape), rnd(*bc_shape))
+    kwargs = dict(D=rnd(dim), z=rnd(batch, dim), dt_bias=rnd(dim), dt_softplus=True)
+    state64 = args[0].clone()
+    out64 = selective_state_update_reference(state64, *args[1:], **kwargs)
+    lp, kw = cast_floats(args, torch.float32), cast_floats(kwargs, torch.float32)
+    state_ref = lp[0].clone()
+    out_ref = selective_state_update_reference(state_ref, *lp[1:], **kw)
+    state = lp[0].clone()
+    with dlcore.backend("cpu"):
+        out = dlcore.selective_state_update(state, *lp[1:], **kw)
+    assert_parity(out, out64, out_ref, name="out")
+    assert_parity(state, state64, state_ref, name="state")
+
+
 def test_state_update_steps_match_scan(backend):
     """L decode steps from an initial state give the scan's outputs and last state."""
     args, kwargs = make_inputs(2, 4, 9, 8, init=True)

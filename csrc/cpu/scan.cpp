@@ -477,6 +477,56 @@ DLCORE_AVX512_FN void block_post_avx512(int64_t steps, const float* D, const flo
   }
 }
 
+// state_update_rows for float: rows in groups of 16, whose softplus, gate and skip run as
+// vectors; per row 16 states per vector (masked tail) and one horizontal sum.
+DLCORE_AVX512_FN void state_update_rows_avx512(int64_t r0, int64_t r1, int64_t dim, int64_t N,
+                                               int64_t GB, int64_t GC, const float* x,
+                                               const float* dt, const float* A, const float* B,
+                                               const float* C, const float* D, const float* z,
+                                               const float* bias, bool sp, float* state,
+                                               float* out) {
+  alignas(64) float bv[kBlock], Dv[kBlock], dts[kBlock], dus[kBlock], ys[kBlock];
+  for (int64_t g0 = r0; g0 < r1; g0 += kBlock) {
+    const int64_t cnt = std::min<int64_t>(kBlock, r1 - g0);
+    const __mmask16 m = __mmask16((1u << cnt) - 1);
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int64_t d = (g0 + std::min(j, cnt - 1)) % dim;
+      bv[j] = bias ? bias[d] : 0.0f;
+      Dv[j] = D ? D[d] : 0.0f;
+    }
+    _mm512_store_ps(ys, _mm512_setzero_ps());
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + g0);
+    __m512 t = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dt + g0), _mm512_load_ps(bv));
+    if (sp) t = softplus_ps(t);
+    _mm512_store_ps(dts, _mm512_mul_ps(t, _mm512_set1_ps(1.4426950408889634f)));
+    _mm512_store_ps(dus, _mm512_mul_ps(t, xv));
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t r = g0 + j, b = r / dim, d = r % dim;
+      const float* bb = B + (b * GB + d / (dim / GB)) * N;
+      const float* cc = C + (b * GC + d / (dim / GC)) * N;
+      const float* a = A + d * N;
+      float* h = state + r * N;
+      const __m512 dl = _mm512_set1_ps(dts[j]), du = _mm512_set1_ps(dus[j]);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t n = 0; n < N; n += kBlock) {
+        const __mmask16 mn = N - n >= kBlock ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+        const __m512 e = exp2_ps(_mm512_mul_ps(dl, _mm512_maskz_loadu_ps(mn, a + n)));
+        const __m512 hn = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(mn, h + n),
+                                          _mm512_mul_ps(du, _mm512_maskz_loadu_ps(mn, bb + n)));
+        _mm512_mask_storeu_ps(h + n, mn, hn);
+        acc = _mm512_fmadd_ps(hn, _mm512_maskz_loadu_ps(mn, cc + n), acc);
+      }
+      ys[j] = _mm512_reduce_add_ps(acc);
+    }
+    __m512 y = _mm512_fmadd_ps(_mm512_load_ps(Dv), xv, _mm512_load_ps(ys));
+    if (z) {
+      const __m512 zv = _mm512_maskz_loadu_ps(m, z + g0);
+      y = _mm512_mul_ps(y, _mm512_mul_ps(zv, sigmoid_ps(zv)));
+    }
+    _mm512_mask_storeu_ps(out + g0, m, y);
+  }
+}
+
 // Backward prep: dt = softplus?(delta + bias) in place, du = dt * u, dsp = d dt / d delta.
 DLCORE_AVX512_FN void block_prep_bwd_avx512(int64_t steps, const float* bias, bool softplus,
                                             float* dt, const float* u, float* du, float* dsp) {
@@ -1464,6 +1514,21 @@ void selective_scan_bwd_kernel(
   if (dinitial_state) back(di_c, *dinitial_state);
 }
 
+template <typename T>
+void state_update_task(int64_t r0, int64_t r1, int64_t dim, int64_t N, int64_t GB, int64_t GC,
+                       const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
+                       const T* z, const T* bias, bool sp, T* state, T* out) {
+#ifdef DLCORE_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx512()) {
+      state_update_rows_avx512(r0, r1, dim, N, GB, GC, x, dt, A, B, C, D, z, bias, sp, state, out);
+      return;
+    }
+  }
+#endif
+  state_update_rows(r0, r1, dim, N, GB, GC, x, dt, A, B, C, D, z, bias, sp, state, out);
+}
+
 void selective_state_update_kernel(const Tensor& state, const Tensor& x, const Tensor& dt,
                                    const Tensor& A, const Tensor& B, const Tensor& C,
                                    const OptTensor& D, const OptTensor& z,
@@ -1502,8 +1567,8 @@ void selective_state_update_kernel(const Tensor& state, const Tensor& x, const T
     // Threads only for large steps: a wake-up costs more than a few thousand state updates.
     const int64_t grain = std::max<int64_t>(64, 32768 / N);
     at::parallel_for(0, batch * dim, grain, [&](int64_t r0, int64_t r1) {
-      state_update_rows(r0, r1, dim, N, GB, GC, xp, dtp, Ap, Bp, Cp, Dp, zp, bp, dt_softplus, sp,
-                        op);
+      state_update_task<T>(r0, r1, dim, N, GB, GC, xp, dtp, Ap, Bp, Cp, Dp, zp, bp, dt_softplus,
+                           sp, op);
     });
   });
   if (!st.is_same(state)) state.copy_(st);
