@@ -46,7 +46,13 @@ import torch
 
 from ..backends import triton_kernels
 from ..reference import attention as ref
-from .common import FLOAT_DTYPES, dispatch, last_dim_contiguous, register_autograd
+from .common import (
+    FLOAT_DTYPES,
+    dispatch,
+    last_dim_contiguous,
+    needs_registered_op,
+    register_autograd,
+)
 
 MAX_HEAD_DIM = 256
 
@@ -191,25 +197,11 @@ def _(q, k, v, bias, alibi, scale, diag, wl, wr, softcap, p, seed, det):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _needs_op(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether a call must go through the registered op: under torch.compile, for autograd, or
-    for tensors that are not plain CPU/CUDA tensors (meta, fake, subclasses)."""
-    if torch.compiler.is_compiling():
-        return True
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or not (t.is_cpu or t.is_cuda):
-            return True
-    return False
-
-
 def _run_fwd(q, k, v, bias, alibi_slopes, *scalars):
     """``attention_fwd(q, k, v, bias, alibi_slopes, *scalars)``. Where nothing needs the op
     wrapper (inference), its body runs directly: the wrapper's per-call bookkeeping (~20 us)
     is as long as the kernel of a small attention, e.g. diffusers' 8-wide heads at 16x16."""
-    if _needs_op((q, k, v, bias, alibi_slopes)):
+    if needs_registered_op((q, k, v, bias, alibi_slopes)):
         return attention_fwd(q, k, v, bias, alibi_slopes, *scalars)
     return _attention_fwd_body(q, k, v, bias, alibi_slopes, *scalars[:-1])
 

@@ -90,3 +90,18 @@ def register_autograd(
             return backward(ctx, *grads)
 
     torch.library.register_autograd(op, _backward, setup_context=_setup)
+
+
+def needs_registered_op(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether a call must go through its registered op: under torch.compile, for autograd, or
+    for tensors that are not plain CPU/CUDA tensors (meta, fake, subclasses). Elsewhere the op's
+    body may run directly, saving the wrapper's per-call bookkeeping (~20-50 us)."""
+    if torch.compiler.is_compiling():
+        return True
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or not (t.is_cpu or t.is_cuda):
+            return True
+    return False

@@ -26,7 +26,14 @@ import torch
 from .. import _ext
 from ..backends import triton_kernels
 from ..reference import lora as ref
-from .common import FLOAT_DTYPES, check_tensor, dispatch, last_dim_contiguous, register_autograd
+from .common import (
+    FLOAT_DTYPES,
+    check_tensor,
+    dispatch,
+    last_dim_contiguous,
+    needs_registered_op,
+    register_autograd,
+)
 
 _BACKENDS = ("triton", "cpu", "eager")
 # Rows per dropout chunk on the composed path: keeps the masked-input temporary near 4 MB.
@@ -405,8 +412,14 @@ def _lora_linear_backward_op(
     fan_in_fan_out: bool,
     needs: list[bool],
 ) -> Grads:
+    return _lora_linear_backward_body(
+        dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs
+    )
+
+
+def _lora_linear_backward_body(dy, x, weight, lora_A, lora_B, xa, scaling, p, seed, fifo, needs):
     impls = {"triton": _bwd_triton, "cpu": _bwd_composed, "eager": _bwd_eager}
-    args = (dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out)
+    args = (dy, x, weight, lora_A, lora_B, xa, scaling, p, seed, fifo)
     return dispatch("lora_linear_backward", impls, dy.device, *args, tuple(needs))
 
 
@@ -448,7 +461,13 @@ def _backward_single(ctx, dout, dxa):
     needs = list(ctx.needs_input_grad[:5])
     if not any(needs):
         return (None,) * 9
-    grads = _lora_linear_backward_op(dout, x, weight, lora_a, lora_b, xa, *ctx.args, needs)
+    # Outside torch.compile and double backward, the body runs without the op wrapper.
+    run = (
+        _lora_linear_backward_op
+        if needs_registered_op((dout, x, weight, lora_a, lora_b, xa))
+        else _lora_linear_backward_body
+    )
+    grads = run(dout, x, weight, lora_a, lora_b, xa, *ctx.args, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 4
 
 
