@@ -96,7 +96,9 @@ def device_name(device: torch.device) -> str:
 def measure_limits(device: torch.device, quick: bool) -> dict[str, float]:
     """This machine's copy bandwidth (bytes/s, read + write counted) and GEMM rates (FLOP/s)."""
     limits = {}
-    n = (64 if quick else 256) * 2**20 // 4 if device.type == "cpu" else 2**28
+    # 256 MiB buffers on CPU even in quick runs: 64 MiB ones can sit partly in a large L3 and
+    # read up to 2x DRAM bandwidth, which no 64 MiB-per-tensor case can reach.
+    n = 256 * 2**20 // 4 if device.type == "cpu" else 2**28
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     t = time_interleaved(
