@@ -152,10 +152,24 @@ def select(op: str, device: torch.device, implemented: Iterable[str]) -> str:
         if why:
             raise RuntimeError(f"dlcore backend {forced!r} is forced but cannot run {op}: {why}")
         return forced
-    for name in _DEFAULT_ORDER.get(device.type, ("eager",)):
-        if name in implemented and _runs_on(name, device) is None:
-            return name
-    return "eager"
+    key = (device.type, implemented)
+    choice = _DEFAULT_CHOICE.get(key)
+    if choice is None:
+        choice = next(
+            (
+                name
+                for name in _DEFAULT_ORDER.get(device.type, ("eager",))
+                if name in implemented and _runs_on(name, device) is None
+            ),
+            "eager",
+        )
+        _DEFAULT_CHOICE[key] = choice
+    return choice
+
+
+# Unforced choices per (device type, implemented backends): availability is fixed for a process,
+# and working it out (four status probes) cost ~10 us per op call.
+_DEFAULT_CHOICE: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
 def triton_kernels(family: str) -> ModuleType:

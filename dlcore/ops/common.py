@@ -92,16 +92,18 @@ def register_autograd(
     torch.library.register_autograd(op, _backward, setup_context=_setup)
 
 
+def plain_eager(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Not under torch.compile, and every tensor a plain CPU/CUDA tensor (no meta, fake or
+    subclass): a call that may skip its registered op's per-call bookkeeping (~20-50 us)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and (t.is_cpu or t.is_cuda)) for t in tensors)
+
+
 def needs_registered_op(tensors: Sequence[torch.Tensor | None]) -> bool:
     """Whether a call must go through its registered op: under torch.compile, for autograd, or
-    for tensors that are not plain CPU/CUDA tensors (meta, fake, subclasses). Elsewhere the op's
-    body may run directly, saving the wrapper's per-call bookkeeping (~20-50 us)."""
-    if torch.compiler.is_compiling():
+    for tensors that are not plain CPU/CUDA tensors. Elsewhere the op's body may run directly."""
+    if not plain_eager(tensors):
         return True
     grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or not (t.is_cpu or t.is_cuda):
-            return True
-    return False
+    return grad and any(t is not None and t.requires_grad for t in tensors)

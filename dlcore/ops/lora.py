@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..backends import triton_kernels
+from ..backends import backend, forced_backend, triton_kernels
 from ..reference import lora as ref
 from .common import (
     FLOAT_DTYPES,
@@ -32,6 +32,7 @@ from .common import (
     dispatch,
     last_dim_contiguous,
     needs_registered_op,
+    plain_eager,
     register_autograd,
 )
 
@@ -387,9 +388,15 @@ def _lora_linear_op(
     seed: int,
     fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _lora_linear_body(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out
+    )
+
+
+def _lora_linear_body(x, weight, bias, lora_A, lora_B, scaling, p, seed, fifo):
     impls = {"triton": _fwd_triton, "cpu": _fwd_cpu, "eager": _fwd_eager}
-    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
-    return dispatch("lora_linear", impls, x.device, *args)
+    return dispatch("lora_linear", impls, x.device, x, weight, bias, lora_A, lora_B, scaling, p,
+                    seed, fifo)  # fmt: skip
 
 
 @_lora_linear_op.register_fake
@@ -472,6 +479,24 @@ def _backward_single(ctx, dout, dxa):
 
 
 register_autograd(_lora_linear_op, _backward_single, setup_context=_setup_single)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """The registered op's forward and backward for plain eager calls: the op's autograd
+    wrapper costs ~40 us per call (argument defaults filled per call), as much as a small
+    layer's LoRA work; torch.compile and tensor subclasses still go through the op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
+        out, xa = _lora_linear_body(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
+        ctx.dlcore_forced_backend = forced_backend()
+        _setup_single(ctx, (x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo), (out, xa))
+        return out, xa
+
+    @staticmethod
+    def backward(ctx, dout, dxa):
+        with backend(ctx.dlcore_forced_backend):
+            return _backward_single(ctx, dout, dxa)
 
 
 @torch.library.custom_op("dlcore::lora_linear_multi", mutates_args=())
@@ -606,7 +631,12 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    out, _ = _lora_linear_op(
+    run = (
+        _LoraLinearFunction.apply
+        if plain_eager((x, weight, bias, lora_A, lora_B))
+        else _lora_linear_op
+    )
+    out, _ = run(
         x.reshape(-1, in_f), weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0),
         bool(fan_in_fan_out),
     )  # fmt: skip
