@@ -96,14 +96,6 @@ def _attn_case(name, b, h, length, d, dtype, causal, mode, devices, *, goal, qui
     )
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def extra_peak_memory(fn: Callable[..., Any], b: int, h: int, length: int, d: int) -> int | None:
     """Peak bytes one forward+backward of ``fn`` (an SDPA-like function) holds beyond its inputs,
     output and gradients (Linux RSS high-water mark; None where that is unavailable)."""
@@ -124,9 +116,9 @@ def extra_peak_memory(fn: Callable[..., Any], b: int, h: int, length: int, d: in
         libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        before = _rss_bytes("VmRSS")
+        before = harness.rss_bytes("VmRSS")
         result = step()
-        peak = _rss_bytes("VmHWM") - before
+        peak = harness.rss_bytes("VmHWM") - before
         del result
     except OSError:
         return None

@@ -32,14 +32,6 @@ from .harness import Case, sync
 GOAL = "dlcore >= 1.0x the unpatched model"
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Bytes one call of ``fn`` adds at its peak over what was resident before it."""
     gc.collect()
@@ -57,9 +49,9 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _rss_bytes("VmRSS")
+        before = harness.rss_bytes("VmRSS")
         fn()
-        return _rss_bytes("VmHWM") - before
+        return harness.rss_bytes("VmHWM") - before
     except OSError:
         return None  # not Linux/glibc: no per-call peak available
 

@@ -93,6 +93,15 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def measure_limits(device: torch.device, quick: bool) -> dict[str, float]:
     """This machine's copy bandwidth (bytes/s, read + write counted) and GEMM rates (FLOP/s)."""
     limits = {}

@@ -261,12 +261,9 @@ def test_cpu_kernel_rejects_bad_buffers():
 # ---------------------------------------------------------------- decode step
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("groups", [None, 1, 2])
-@pytest.mark.parametrize("extras", [True, False])
-def test_state_update_parity(backend, dtype, groups, extras):
-    gen = torch.Generator().manual_seed(3)
-    batch, dim, n = 3, 6, 16
+def run_state_update_parity(backend, dtype, batch, dim, n, groups, extras=True, seed=3):
+    """One decode step on ``backend`` against the reference in float64 and in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
@@ -280,39 +277,28 @@ def test_state_update_parity(backend, dtype, groups, extras):
         args = (*args[:2], args[2].abs(), *args[3:])
     state64 = args[0].clone()
     out64 = selective_state_update_reference(state64, *args[1:], **kwargs)
-    lp = cast_floats(args, dtype)
+    lp, kw = cast_floats(args, dtype), cast_floats(kwargs, dtype)
     state_ref = lp[0].clone()
-    out_ref = selective_state_update_reference(state_ref, *lp[1:], **cast_floats(kwargs, dtype))
+    out_ref = selective_state_update_reference(state_ref, *lp[1:], **kw)
     state = lp[0].clone()
     with dlcore.backend(backend):
-        out = dlcore.selective_state_update(state, *lp[1:], **cast_floats(kwargs, dtype))
+        out = dlcore.selective_state_update(state, *lp[1:], **kw)
     assert out.dtype == dtype and state.dtype == dtype
     assert_parity(out, out64, out_ref, name="out")
     assert_parity(state, state64, state_ref, name="state")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("groups", [None, 1, 2])
+@pytest.mark.parametrize("extras", [True, False])
+def test_state_update_parity(backend, dtype, groups, extras):
+    run_state_update_parity(backend, dtype, 3, 6, 16, groups, extras)
+
+
 @pytest.mark.parametrize("batch,dim,n,groups", [(2, 21, 5, 3), (1, 34, 20, None), (5, 7, 33, 7)])
 def test_state_update_parity_odd_sizes_cpu(batch, dim, n, groups):
     """Row counts not a multiple of 16 and N with a masked tail (the vectorised cpu path)."""
-    gen = torch.Generator().manual_seed(4)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-    bc_shape = (batch, n) if groups is None else (batch, groups, n)
-    args = (rnd(batch, dim, n), rnd(batch, dim), rnd(batch, dim, scale=0.5))
-    args += (-torch.exp(rnd(dim, n, scale=0.5)), rnd(*bc_shape), rnd(*bc_shape))
-    kwargs = dict(D=rnd(dim), z=rnd(batch, dim), dt_bias=rnd(dim), dt_softplus=True)
-    state64 = args[0].clone()
-    out64 = selective_state_update_reference(state64, *args[1:], **kwargs)
-    lp, kw = cast_floats(args, torch.float32), cast_floats(kwargs, torch.float32)
-    state_ref = lp[0].clone()
-    out_ref = selective_state_update_reference(state_ref, *lp[1:], **kw)
-    state = lp[0].clone()
-    with dlcore.backend("cpu"):
-        out = dlcore.selective_state_update(state, *lp[1:], **kw)
-    assert_parity(out, out64, out_ref, name="out")
-    assert_parity(state, state64, state_ref, name="state")
+    run_state_update_parity("cpu", torch.float32, batch, dim, n, groups, seed=4)
 
 
 def test_state_update_steps_match_scan(backend):

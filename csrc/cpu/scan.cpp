@@ -446,18 +446,6 @@ DLCORE_AVX512_FN __attribute__((always_inline)) inline __m512 softplus_ps(__m512
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), r, x);
 }
 
-// block_prep for float: dt[i][w] = softplus?(dt[i][w] + bias[w]), du = dt * u.
-DLCORE_AVX512_FN void block_prep_avx512(int64_t steps, const float* bias, bool softplus,
-                                        float* dt, const float* u, float* du) {
-  const __m512 bv = _mm512_loadu_ps(bias);
-  for (int64_t i = 0; i < steps; ++i) {
-    __m512 d = _mm512_add_ps(_mm512_loadu_ps(dt + i * kBlock), bv);
-    if (softplus) d = softplus_ps(d);
-    _mm512_storeu_ps(dt + i * kBlock, d);
-    _mm512_storeu_ps(du + i * kBlock, _mm512_mul_ps(d, _mm512_loadu_ps(u + i * kBlock)));
-  }
-}
-
 DLCORE_AVX512_FN __attribute__((always_inline)) inline __m512 sigmoid_ps(__m512 x) {
   const __m512 e = exp2_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f)));
   return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
@@ -527,21 +515,23 @@ DLCORE_AVX512_FN void state_update_rows_avx512(int64_t r0, int64_t r1, int64_t d
   }
 }
 
-// Backward prep: dt = softplus?(delta + bias) in place, du = dt * u, dsp = d dt / d delta.
-DLCORE_AVX512_FN void block_prep_bwd_avx512(int64_t steps, const float* bias, bool softplus,
-                                            float* dt, const float* u, float* du, float* dsp) {
+// block_prep for float: dt[i][w] = softplus?(dt[i][w] + bias[w]) in place, du = dt * u, and
+// (backward, when dsp is given) dsp = d dt / d delta.
+DLCORE_AVX512_FN void block_prep_avx512(int64_t steps, const float* bias, bool softplus,
+                                        float* dt, const float* u, float* du, float* dsp) {
   const __m512 bv = _mm512_loadu_ps(bias);
   for (int64_t i = 0; i < steps; ++i) {
     const __m512 x = _mm512_add_ps(_mm512_loadu_ps(dt + i * kBlock), bv);
-    __m512 d = x, g = _mm512_set1_ps(1.0f);
-    if (softplus) {
-      d = softplus_ps(x);
-      g = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ),
-                               sigmoid_ps(x), g);
-    }
+    const __m512 d = softplus ? softplus_ps(x) : x;
     _mm512_storeu_ps(dt + i * kBlock, d);
-    _mm512_storeu_ps(dsp + i * kBlock, g);
     _mm512_storeu_ps(du + i * kBlock, _mm512_mul_ps(d, _mm512_loadu_ps(u + i * kBlock)));
+    if (dsp) {
+      __m512 g = _mm512_set1_ps(1.0f);
+      if (softplus)
+        g = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ),
+                                 sigmoid_ps(x), g);
+      _mm512_storeu_ps(dsp + i * kBlock, g);
+    }
   }
 }
 
@@ -930,7 +920,7 @@ void fwd_block(const Problem<T>& p, int64_t b, int64_t d0, int64_t width, T* out
 #ifdef DLCORE_AVX512
       if constexpr (std::is_same_v<T, float>) {
         if (avx512)
-          block_prep_avx512(n, bias, p.softplus, DT, U, DU);
+          block_prep_avx512(n, bias, p.softplus, DT, U, DU, nullptr);
         else
           block_prep(n, bias, p.softplus, DT, U, DU);
       } else
@@ -1167,7 +1157,6 @@ void backward_blocked(const Problem<float>& p, const Grads<float>& g, int64_t b,
   float *U = lanes.data(), *DT = U + cs * K, *DU = DT + cs * K, *DSP = DU + cs * K;
   float *Z = DSP + cs * K, *DO = Z + cs * K, *Y = DO + cs * K;
   float *H = HE.data(), *E = H + (cs + 1) * S;
-  std::vector<float> red(cs * N);
   auto blk_ptr = [&](int64_t j) { return per_block.data() + j * per; };
   // Rows of (batch, dim, *) tensors for lane w of block j; states (.., N) likewise.
   auto width_of = [&](int64_t j) { return std::min(K, d1 - (d0 + j * K)); };
@@ -1202,7 +1191,7 @@ void backward_blocked(const Problem<float>& p, const Grads<float>& g, int64_t b,
       to_lanes(p.delta + off, L, width, n, DT);
       to_lanes(g.dout + off, L, width, n, DO);
       if (p.z) to_lanes(p.z + off, L, width, n, Z);
-      block_prep_bwd_avx512(n, bias, p.softplus, DT, U, DU, DSP);
+      block_prep_avx512(n, bias, p.softplus, DT, U, DU, DSP);
       load_state(g.chunk_states + ((b * p.dim + dj) * p.nchunks + c) * N, p.nchunks * N, width,
                  H);
       const float* Bc = p.bptr(b, dj, t0);
@@ -1217,10 +1206,8 @@ void backward_blocked(const Problem<float>& p, const Grads<float>& g, int64_t b,
         for (int64_t w = 0; w < width; ++w)
           for (int64_t k = 0; k < N; ++k) g.dinit[(b * p.dim + dj + w) * N + k] = dh[k * K + w];
     }
-    lane_sums(n * N, PB.data(), red.data());
-    std::copy_n(red.data(), n * N, dBp + t0 * N);
-    lane_sums(n * N, PC.data(), red.data());
-    std::copy_n(red.data(), n * N, dCp + t0 * N);
+    lane_sums(n * N, PB.data(), dBp + t0 * N);
+    lane_sums(n * N, PC.data(), dCp + t0 * N);
   }
   for (int64_t j = 0; j < nb; ++j) {
     const float* q = blk_ptr(j);
