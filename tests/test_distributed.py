@@ -3,6 +3,7 @@ one process on the combined batch: same losses, same LoRA gradients, same weight
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def _train(model: torch.nn.Module, rows: slice, reduce_loss) -> dict:
 def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A bounded timeout: a stuck collective fails the test instead of stalling CI for 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         model = _model()
         if mode == "ddp":
@@ -107,6 +109,9 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
         result = _train(wrapped, slice(rank * per_rank, (rank + 1) * per_rank), mean_over_ranks)
         result["counts"] = model._dlcore_counts
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear down together: a rank leaving first took the store with it and the other rank
+        # hung in destroy_process_group (about 1 run in 4 here).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
