@@ -1,8 +1,10 @@
 """A dlcore-patched LoRA Llama trains the same under DDP / FSDP2 (2 gloo processes on CPU) as in
 one process on the combined batch: same losses, same LoRA gradients, same weights after 3 steps."""
 
+import faulthandler
 import os
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -19,6 +21,9 @@ WORLD = 2
 STEPS = 3
 BATCH = 4  # combined batch; each rank takes BATCH // WORLD rows
 SEQ = 9  # odd on purpose
+# A worker still alive after WORKER_LIMIT_S prints every thread's stack to the test log and exits,
+# so a stuck collective or teardown fails the test with the place it stuck, and never stalls CI.
+WORKER_LIMIT_S = 240
 
 
 def _model() -> torch.nn.Module:
@@ -86,6 +91,7 @@ def _train(model: torch.nn.Module, rows: slice, reduce_loss) -> dict:
 
 
 def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A bounded timeout: a stuck collective fails the test instead of stalling CI for 30 min.
@@ -131,7 +137,13 @@ def single_process() -> dict:
 
 
 def _run(mode: str, tmp_path, reference: dict) -> None:
-    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + WORKER_LIMIT_S + 60
+    while not ctx.join(timeout=5):  # raises when a worker fails or exits early
+        if time.monotonic() > deadline:  # the workers' own limit did not fire
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{mode} workers still running after {WORKER_LIMIT_S + 60} s; killed")
     for rank in range(WORLD):
         got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
         # The test is about dlcore modules, so they must really have been swapped in.
