@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import glob
 import importlib
 import json
@@ -17,6 +18,7 @@ import math
 import os
 import pkgutil
 import re
+import statistics
 import sys
 import traceback
 
@@ -42,11 +44,15 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e9:.3g} ns"
 
 
+def _paired_ratio(samples: dict[str, list[float]], num: str | None, den: str) -> float | None:
+    return harness.paired_ratio(samples, num, den) if num in samples else None
+
+
 def _over_base(r: dict) -> str:
     """dlcore's (and the peer's) time as a multiple of the case's floor, when it has one."""
     if "dlcore_over_base" not in r:
         return ""
-    peer = f" ({r['peer']} {r['peer_over_base']:.2f}x)" if "peer_over_base" in r else ""
+    peer = f" ({r['peer']} {r['peer_over_base']:.2f}x)" if r.get("peer_over_base") else ""
     return f"{r['dlcore_over_base']:.2f}x{peer}"
 
 
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
             }
             try:
                 fns = case.setup(device)
-                times = harness.time_interleaved(
+                samples = harness.time_interleaved_samples(
                     fns,
                     device,
                     repeats=7 if args.quick else 21,
@@ -108,14 +114,16 @@ def run(args: argparse.Namespace) -> dict:
                     budget_seconds=4 if args.quick else 15,
                 )
                 del fns
+                times = {name: statistics.median(s) for name, s in samples.items()}
                 row["times"] = times
                 t = times["dlcore"]
-                row["speedup_vs_eager"] = times["eager"] / t if "eager" in times else None
-                row["speedup_vs_peer"] = times[case.peer] / t if case.peer in times else None
+                # Ratios: medians of per-round ratios, robust to drift between rounds.
+                ratio = functools.partial(_paired_ratio, samples)
+                row["speedup_vs_eager"] = ratio("eager", "dlcore")
+                row["speedup_vs_peer"] = ratio(case.peer, "dlcore")
                 if "base" in times:  # the floor the op cannot beat, e.g. LoRA's plain nn.Linear
-                    row["dlcore_over_base"] = t / times["base"]
-                    if case.peer in times:
-                        row["peer_over_base"] = times[case.peer] / times["base"]
+                    row["dlcore_over_base"] = ratio("dlcore", "base")
+                    row["peer_over_base"] = ratio(case.peer, "base")
                 frac, what = harness.fraction_of_limit(case, t, limits)
                 row["fraction_of_limit"] = None if math.isnan(frac) else frac
                 row["limit"] = what

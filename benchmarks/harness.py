@@ -62,6 +62,27 @@ def time_interleaved(
     budget_seconds: float,
 ) -> dict[str, float]:
     """Median seconds per call of each fn; samples alternate between fns after a warm-up."""
+    samples = time_interleaved_samples(
+        fns, device, repeats=repeats, sample_seconds=sample_seconds, budget_seconds=budget_seconds
+    )
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of samples[num][i] / samples[den][i]: both were timed back to back in
+    round i, so drift of the machine's speed between rounds cancels out of each ratio."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
+
+
+def time_interleaved_samples(
+    fns: dict[str, Fn],
+    device: torch.device,
+    *,
+    repeats: int,
+    sample_seconds: float,
+    budget_seconds: float,
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn in each round; a round times every fn once, in turn."""
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up: compilation, allocator, caches
@@ -73,7 +94,7 @@ def time_interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(_time_once(fn, inner[name], device))
-    return {n: statistics.median(s) for n, s in samples.items()}
+    return samples
 
 
 def cpu_name() -> str:

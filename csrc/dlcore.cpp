@@ -63,7 +63,12 @@ TORCH_LIBRARY(dlcore, m) {
       "Tensor lora_B, Tensor scalings, Tensor? indices, Tensor(a!) out, Tensor(b!) xa) -> ()");
   m.def(
       "lora_multi_update_kernel(Tensor x, Tensor lora_A, Tensor lora_B_t, Tensor scalings, "
-      "Tensor indices, Tensor(a!) out, Tensor(b!) xa) -> ()");
+      "Tensor? indices, Tensor(a!) out, Tensor(b!) xa, Tensor? bias=None, "
+      "bool overwrite=False) -> ()");
+  // g = s dy lora_B, dA = g^T x, dB = s dy^T xa; lora_B (out, r), r <= 64 (float32) / 32.
+  m.def(
+      "lora_factor_grads_kernel(Tensor dy, Tensor x, Tensor lora_B, Tensor xa, float scaling, "
+      "Tensor(a!) g, Tensor(b!) dA, Tensor(c!) dB) -> ()");
 }
 
 // `import dlcore._C` loads this library and so runs the registrations above; it exposes no

@@ -26,6 +26,16 @@ def test_time_interleaved_reports_median_per_candidate():
     assert all(0 < t < 1 for t in times.values())
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # b takes 2x a in every round but the last (a noisy one), while the machine runs 3x slower
+    # in rounds 3-4: the ratio of the two medians would be 6 / 1.1, the per-round ratios give 2.
+    samples = {"a": [1.0, 1.0, 3.0, 3.0, 1.1], "b": [2.0, 2.0, 6.0, 6.0, 6.6]}
+    assert harness.paired_ratio(samples, "b", "a") == 2.0
+    assert harness.paired_ratio(samples, "a", "b") == 0.5
+    with pytest.raises(ValueError):
+        harness.paired_ratio({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
+
+
 def test_fraction_of_limit_uses_bytes_or_flops():
     limits = {"copy_bandwidth": 10e9, "gemm_float32": 100e9}
     mem = harness.Case("f", "m", lambda d: {}, bytes_moved=5_000_000_000)

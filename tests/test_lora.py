@@ -282,6 +282,13 @@ def test_opcheck(backend):
         (torch.ops.dlcore.lora_linear_backward.default,
          (dy, x.detach(), w.detach(), a.detach(), bl.detach(), xa, 0.5, 0.2, 3, False,
           [True, False, True, True, True])),
+        # No dropout: the cpu backend's fused factor gradients; frozen base, unused outputs.
+        (torch.ops.dlcore.lora_linear_backward.default,
+         (dy, x.detach(), w.detach(), a.detach(), bl.detach(), xa, 0.5, 0.0, 0, False,
+          [False, False, False, True, True])),
+        (torch.ops.dlcore.lora_linear_backward.default,
+         (dy, x.detach(), w.detach().t(), a.detach(), bl.detach(), xa, 0.5, 0.0, 0, True,
+          [True, True, False, False, True])),
         (torch.ops.dlcore.lora_linear_multi.default,
          (xs.requires_grad_(), w2, b2, as_.requires_grad_(), bs.requires_grad_(), scal,
           idx.int(), False, True)),
@@ -422,7 +429,7 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
     (tokens, out) temporary)."""
     from torch.profiler import ProfilerActivity, profile
 
-    # 65 tokens: the BLAS composition (up to 64, lora_skinny_fwd_kernel: checked below).
+    # 65 tokens: base GEMM + rank-r update (up to 64, lora_skinny_fwd_kernel: checked below).
     m, k, n, r = 65, 300, 500, 8
     x, w, b, a, bl = _single_inputs((m,), k, n, r, torch.float32)
     a.requires_grad_()
@@ -431,9 +438,10 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
     def allocations(fn):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        # aten ops called by the composed path are leaves: their usage is their own allocation.
+        # Every tensor allocation ends in one of these (outer ops report their callees' too).
         return sorted(e.cpu_memory_usage for e in prof.events()
-                      if e.name.startswith("aten::") and e.cpu_memory_usage > 0)  # fmt: skip
+                      if e.name in ("aten::empty", "aten::empty_strided")
+                      and e.cpu_memory_usage > 0)  # fmt: skip
 
     with dlcore.backend("cpu"):
         out = dlcore.lora_linear(x, w, b, a, bl, 2.0)
@@ -442,7 +450,12 @@ def test_cpu_path_allocates_only_output_and_rank_r_temporaries():
         fwd = allocations(lambda: dlcore.lora_linear(x, w, b, a, bl, 2.0))
         out = dlcore.lora_linear(x, w, b, a, bl, 2.0)
         bwd = allocations(lambda: torch.autograd.grad(out, (a, bl), dy))
-    assert fwd == [m * r * 4, m * n * 4], fwd
+    if ops._CPU_KERNELS:
+        # lora_multi_update_kernel streams B as (r, out) rows: besides out and xa, a copy of the
+        # adapter-sized factor (out x r, not tokens-sized) and the float64 scaling.
+        assert fwd == sorted([8, m * r * 4, n * r * 4, m * n * 4]), fwd
+    else:
+        assert fwd == [m * r * 4, m * n * 4], fwd
     assert bwd and max(bwd) <= max(m * r, r * k, n * r) * 4, bwd
     if ops._CPU_KERNELS:
         with dlcore.backend("cpu"):
@@ -531,9 +544,88 @@ def test_multi_update_kernel_adds_each_rows_adapter(m, k, n, r, n_ad, dtype):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m,k,n,r,n_ad", [(50, 45, 70, 8, 3), (97, 130, 33, 100, 1)])
+def test_multi_update_kernel_overwrite_starts_from_bias(m, k, n, r, n_ad, bias, dtype):
+    """overwrite=True: every row of a poisoned out becomes bias (or 0) + its update, rows with
+    adapter -1 just the bias; with one adapter the indices may be None."""
+    gen = torch.Generator().manual_seed(m + 7)
+    x, w, b, a, bl = _kernel_inputs(m, k, n, r, n_ad, dtype, gen, strided=True)
+    b = b if bias else None
+    scal = torch.linspace(0.5, 2.0, n_ad, dtype=torch.float64)
+    idx = torch.randint(-1, n_ad, (m,), generator=gen, dtype=torch.int32)
+    indices = idx
+    if n_ad == 1:
+        idx, indices = torch.zeros(m, dtype=torch.int32), None
+    out, xa = poison_(torch.empty(m, n, dtype=dtype)), poison_(torch.empty(m, r))
+    torch.ops.dlcore.lora_multi_update_kernel(
+        x, a, bl.transpose(1, 2), scal, indices, out, xa, b, True
+    )
+    zero_w = torch.zeros_like(w)
+    args64 = [t.double() if t is not None else None for t in (x, zero_w, b, a, bl)]
+    want = _multi_ref(*args64, scal, idx)
+    assert_parity(out, want, _multi_ref(x, zero_w, b, a, bl, scal, idx), name="overwrite out")
+    assert_parity(xa, _xa_ref(args64[0], args64[3], idx), _xa_ref(x, a, idx), name="update xa")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "m,k,n,r,strided",
+    [(1, 5, 3, 1, False), (37, 333, 517, 5, True), (9, 64, 48, 16, False),
+     (64, 100, 70, 33, True), (130, 47, 200, 64, True)],
+)  # fmt: skip
+def test_factor_grads_kernel_matches_blas(m, k, n, r, strided, dtype):
+    """g = s dy B, dA = g^T x, dB = s dy^T xa for row counts that leave a partial row block,
+    feature counts with vector tails, ranks of one to four vectors, strided dy/x and B."""
+    gen = torch.Generator().manual_seed(m * 31 + r)
+    pad = 3 if strided else 0
+    x = _rand(gen, m, k + pad, dtype=dtype)[:, :k]
+    dy = _rand(gen, m, n + pad, dtype=dtype)[:, :n]
+    lora_b = _rand(gen, r + pad, n, dtype=dtype).t()[:, :r]  # (n, r), column-major
+    xa = _rand(gen, m, r, dtype=torch.float32)
+    s = 0.7
+    g, da, db = (poison_(torch.empty(*shape, dtype=dtype)) for shape in ((m, r), (r, k), (n, r)))
+    if r > ops._FACTOR_MAX_RANK[dtype]:  # past the kernel's registers: refused (BLAS path)
+        with pytest.raises(RuntimeError, match=rf"r <= {ops._FACTOR_MAX_RANK[dtype]}, got"):
+            torch.ops.dlcore.lora_factor_grads_kernel(dy, x, lora_b, xa, s, g, da, db)
+        return
+    torch.ops.dlcore.lora_factor_grads_kernel(dy, x, lora_b, xa, s, g, da, db)
+
+    def want(dy, x, lora_b, xa):
+        g = s * dy @ lora_b
+        return g, g.t() @ x, s * dy.t() @ xa.to(dy.dtype)
+
+    wants64 = want(dy.double(), x.double(), lora_b.double(), xa)
+    wants = want(dy, x, lora_b, xa)
+    for got, w64, wlp, name in zip((g, da, db), wants64, wants, ("g", "dA", "dB"), strict=True):
+        assert_parity(got, w64, wlp, name=name)
+
+
+@needs_cpu_kernels
+def test_factor_grads_kernel_bad_input():
+    k = torch.ops.dlcore.lora_factor_grads_kernel
+    dy, x, lora_b, xa = torch.randn(6, 9), torch.randn(6, 20), torch.randn(9, 4), torch.randn(6, 4)
+    g, da, db = torch.empty(6, 4), torch.empty(4, 20), torch.empty(9, 4)
+    torch.library.opcheck(k.default, (dy, x, lora_b, xa, 0.5, g, da, db))
+    with pytest.raises(RuntimeError, match=r"lora_B must be \(9, r\) of x's dtype with r <= 64"):
+        k(dy, x, torch.randn(9, 65), xa, 0.5, g, da, db)
+    with pytest.raises(RuntimeError, match=r"xa must be contiguous float32 \(6, 4\)"):
+        k(dy, x, lora_b, xa.double(), 0.5, g, da, db)
+    with pytest.raises(RuntimeError, match=r"dA must be contiguous \(4, 20\)"):
+        k(dy, x, lora_b, xa, 0.5, g, da[:, :19], db)
+    with pytest.raises(RuntimeError, match=r"dy \(tokens, out\) and x \(tokens, in\) must be"):
+        k(dy[:5], x, lora_b, xa, 0.5, g, da, db)
+    with pytest.raises(RuntimeError, match=r"must be float32 or float64"):
+        k(dy.bfloat16(), x.bfloat16(), lora_b.bfloat16(), xa, 0.5, g, da, db)
+
+
+@needs_cpu_kernels
 def test_cpu_backend_reaches_the_kernels():
-    """Up to 64 tokens the cpu backend runs lora_skinny_fwd_kernel; a longer mixed batch runs
-    the BLAS base GEMM and lora_multi_update_kernel; fan_in_fan_out and dropout use BLAS."""
+    """Up to 64 tokens the cpu backend runs lora_skinny_fwd_kernel; longer inputs run
+    lora_multi_update_kernel (then the BLAS base GEMM), and the one-adapter backward
+    lora_factor_grads_kernel; dropout uses BLAS."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(fn):
@@ -550,7 +642,12 @@ def test_cpu_backend_reaches_the_kernels():
         assert kernels(lambda: dlcore.lora_linear_multi(xm[:64], wm, bm, am, bml, scal,
                                                          idx[:64])) == skinny  # fmt: skip
         assert kernels(lambda: dlcore.lora_linear_multi(xm, wm, bm, am, bml, scal, idx)) == update
-        assert not kernels(lambda: dlcore.lora_linear(xm, wm, bm, a, bl, 2.0))
+        assert kernels(lambda: dlcore.lora_linear(xm, wm, bm, a, bl, 2.0)) == update
+        a.requires_grad_()
+        out = dlcore.lora_linear(xm, wm, bm, a, bl, 2.0)
+        grads = {"dlcore::lora_factor_grads_kernel"}
+        assert kernels(lambda: out.backward(torch.ones_like(out))) == grads
+        a.requires_grad_(False)
         assert not kernels(
             lambda: dlcore.lora_linear(x, w, b, a, bl, 2.0, dropout_p=0.1, training=True, seed=1)
         )

@@ -136,18 +136,21 @@ DLCORE_MULTIVERSION void dot_block(int64_t K, const double* const* x, int64_t ro
   dot_block_body(K, x, rows, y, cols, c, ldc);
 }
 
-// dst[i][0:n] += sum_r coef[i * R + r] * src[r * lds : r * lds + n] for `rows` rows sharing one
-// adapter. Column blocks outer, rows inner: each block of src (R x kExpandVecs vectors) is
-// copied into `pack` (contiguous: src's rows are often a power of two apart, and would share
-// L1 sets) and then serves every row from L1; kExpandVecs independent accumulators keep the FMA
-// chains over r from waiting on each other. One read and one write of each dst row, with the
+// dst[i][0:n] = (init ? init : dst[i])[0:n] + sum_r coef[i * R + r] * src[r * lds : r * lds + n]
+// for `rows` rows sharing one adapter; init (the bias, or zeros) lets the update write rows that
+// hold nothing yet, so the base GEMM can then accumulate into them (one pass fewer over out).
+// Column blocks outer, rows inner: each block of src (R x kExpandVecs vectors) is copied into
+// `pack` (contiguous: src's rows are often a power of two apart, and would share L1 sets) and
+// then serves every row from L1; kExpandVecs independent accumulators keep the FMA chains over r
+// from waiting on each other. One read and one write of each dst row, with the
 // row's next block prefetched (rows sorted by adapter are far apart in memory).
 constexpr int kExpandVecs = 8;
 
 template <typename T>
 __attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R, int64_t rows,
                                                             const T* coef, const T* src,
-                                                            int64_t lds, T* const* dst, T* pack) {
+                                                            int64_t lds, T* const* dst, T* pack,
+                                                            const T* init) {
   using V = typename Vec<T>::V;
   using U = typename Vec<T>::U;
   constexpr int W = Vec<T>::width;
@@ -161,9 +164,10 @@ __attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R
             *reinterpret_cast<const U*>(src + r * lds + j + v * W);
     for (int64_t i = 0; i < rows; ++i) {
       V acc[kExpandVecs];
+      const T* from = init ? init : dst[i];
 #pragma GCC unroll 8
       for (int v = 0; v < kExpandVecs; ++v) {
-        acc[v] = *reinterpret_cast<const U*>(dst[i] + j + v * W);
+        acc[v] = *reinterpret_cast<const U*>(from + j + v * W);
         __builtin_prefetch(dst[i] + j + BW + v * W, 1, 0);
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -179,14 +183,14 @@ __attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R
   }
   for (; j + W <= n; j += W)
     for (int64_t i = 0; i < rows; ++i) {
-      V acc = *reinterpret_cast<const U*>(dst[i] + j);
+      V acc = *reinterpret_cast<const U*>((init ? init : dst[i]) + j);
       for (int64_t r = 0; r < R; ++r)
         acc += (V{} + coef[i * R + r]) * *reinterpret_cast<const U*>(src + r * lds + j);
       *reinterpret_cast<U*>(dst[i] + j) = acc;
     }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t jj = j; jj < n; ++jj) {
-      T acc = dst[i][jj];
+      T acc = (init ? init : dst[i])[jj];
       for (int64_t r = 0; r < R; ++r) acc += coef[i * R + r] * src[r * lds + jj];
       dst[i][jj] = acc;
     }
@@ -194,14 +198,14 @@ __attribute__((always_inline)) inline void expand_rows_body(int64_t n, int64_t R
 
 DLCORE_MULTIVERSION void expand_rows(int64_t n, int64_t R, int64_t rows, const float* coef,
                                      const float* src, int64_t lds, float* const* dst,
-                                     float* pack) {
-  expand_rows_body(n, R, rows, coef, src, lds, dst, pack);
+                                     float* pack, const float* init) {
+  expand_rows_body(n, R, rows, coef, src, lds, dst, pack, init);
 }
 
 DLCORE_MULTIVERSION void expand_rows(int64_t n, int64_t R, int64_t rows, const double* coef,
                                      const double* src, int64_t lds, double* const* dst,
-                                     double* pack) {
-  expand_rows_body(n, R, rows, coef, src, lds, dst, pack);
+                                     double* pack, const double* init) {
+  expand_rows_body(n, R, rows, coef, src, lds, dst, pack, init);
 }
 
 // Shared argument checks of both kernels: they read through raw pointers, so every shape and
@@ -358,7 +362,7 @@ void skinny_fwd(const at::Tensor& x, const at::Tensor& weight,
             bt = bt_block.data();
             ldbt = ldc;
           }
-          expand_rows(nb, R, 1, xs.data() + m * R, bt, ldbt, &cm, expand_pack.data());
+          expand_rows(nb, R, 1, xs.data() + m * R, bt, ldbt, &cm, expand_pack.data(), nullptr);
         }
         T* om = o + m * ldo + n0;
         if (bp)
@@ -398,8 +402,12 @@ void lora_skinny_fwd_kernel(const at::Tensor& x, const at::Tensor& weight,
 
 template <typename T>
 void multi_update(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
-                  const Adapters& ad, at::Tensor& out, at::Tensor& xa_out) {
+                  const Adapters& ad, at::Tensor& out, at::Tensor& xa_out,
+                  const std::optional<at::Tensor>& bias, bool overwrite) {
   const int64_t M = ad.M, K = ad.K, R = ad.R, N = Bt.size(2);
+  // Overwrite mode starts every row from the bias (or zero) instead of out's contents.
+  std::vector<T> zeros(overwrite && !bias.has_value() ? N : 0);
+  const T* init = !overwrite ? nullptr : bias.has_value() ? bias->data_ptr<T>() : zeros.data();
   // Counting sort of the rows by adapter (stable; rows without an adapter first).
   std::vector<int64_t> start(ad.n + 2, 0), order(M);
   for (int64_t m = 0; m < M; ++m) ++start[ad.index[m] + 2];
@@ -434,7 +442,9 @@ void multi_update(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt
         dst[t] = o + m * ldo;
       }
       if (a >= 0)
-        expand_rows(N, R, run, coef.data(), bt + a * sb0, sb1, dst.data(), pack.data());
+        expand_rows(N, R, run, coef.data(), bt + a * sb0, sb1, dst.data(), pack.data(), init);
+      else if (init)
+        for (int64_t t = 0; t < run; ++t) std::copy_n(init, N, dst[t]);
       i += run;
     }
   });
@@ -442,18 +452,239 @@ void multi_update(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt
 
 void lora_multi_update_kernel(const at::Tensor& x, const at::Tensor& lora_A,
                               const at::Tensor& lora_B_t, const at::Tensor& scalings,
-                              const at::Tensor& indices, at::Tensor& out, at::Tensor& xa) {
+                              const std::optional<at::Tensor>& indices, at::Tensor& out,
+                              at::Tensor& xa, const std::optional<at::Tensor>& bias,
+                              bool overwrite) {
   const Adapters ad = check_adapters(x, lora_A, scalings, indices, xa);
   TORCH_CHECK(lora_B_t.dim() == 3 && lora_B_t.size(0) == ad.n && lora_B_t.size(1) == ad.R &&
                   lora_B_t.stride(2) == 1 && lora_B_t.scalar_type() == x.scalar_type(),
               "lora_multi_update_kernel: lora_B_t must be (", ad.n, ", ", ad.R,
               ", out) of x's dtype with unit inner stride, got shape ", lora_B_t.sizes(),
               " strides ", lora_B_t.strides());
-  check_out(out, x, lora_B_t.size(2));
+  const int64_t N = lora_B_t.size(2);
+  check_out(out, x, N);
+  if (bias.has_value())
+    TORCH_CHECK(overwrite && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(),
+                "lora_multi_update_kernel: bias must be contiguous (", N, ") of x's dtype and "
+                "comes with overwrite=True, got shape ", bias->sizes(), " dtype ",
+                bias->scalar_type());
   if (x.scalar_type() == at::kFloat)
-    multi_update<float>(x, lora_A, lora_B_t, ad, out, xa);
+    multi_update<float>(x, lora_A, lora_B_t, ad, out, xa, bias, overwrite);
   else
-    multi_update<double>(x, lora_A, lora_B_t, ad, out, xa);
+    multi_update<double>(x, lora_A, lora_B_t, ad, out, xa, bias, overwrite);
+}
+
+// ---- lora_factor_grads_kernel: the adapter's backward in one pass over dy and x ----
+//
+// g = s dy B (tokens x r, also needed for dx), dA = g^T x, dB = s dy^T xa. As three BLAS calls
+// these read dy twice and x once, each a skinny GEMM BLAS runs at half its peak. Here a block of
+// kFactorRows token rows is swept once along dy (g accumulates in registers, dB's per-thread
+// copy in L2 takes the block's contribution per output feature) and then once along x (dA's
+// per-thread copy takes g_block^T x_block). r lives in the vector lanes: up to 4 vectors (r <= 64
+// in float32, 32 in float64); larger ranks take the BLAS path. A tail block points its missing
+// rows at zero rows, so the micro-kernels have fixed shapes.
+constexpr int kFactorMaxVecs = 4;
+constexpr int64_t kFactorChunk = 64;
+
+template <typename T, int RV, int MB>
+__attribute__((always_inline)) inline void factor_block_body(
+    int64_t N, int64_t K, int64_t R, const T* const* dy, const T* const* x, const T* bs,
+    const T* xs, T* g, T* dB_acc, T* dA_acc, int64_t lda) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int W = Vec<T>::width;
+  constexpr int RP = RV * W;  // padded rank: the row length of bs, xs, g and dB_acc
+  V xv[MB][RV], gacc[MB][RV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v) {
+      xv[m][v] = *reinterpret_cast<const U*>(xs + m * RP + v * W);
+      *reinterpret_cast<U*>(g + m * RP + v * W) = V{};
+    }
+  // g sums kFactorChunk products in registers, then adds them to g: two-level summation keeps
+  // its rounding near a blocked BLAS dot product's instead of growing with the whole length.
+  for (int64_t n0 = 0; n0 < N; n0 += kFactorChunk) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) gacc[m][v] = V{};
+    const int64_t n1 = std::min(N, n0 + kFactorChunk);
+    for (int64_t n = n0; n < n1; ++n) {
+      V b[RV], db[RV];
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) {
+        b[v] = *reinterpret_cast<const U*>(bs + n * RP + v * W);
+        db[v] = V{};
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const V d = V{} + dy[m][n];
+#pragma GCC unroll 4
+        for (int v = 0; v < RV; ++v) {
+          gacc[m][v] += d * b[v];
+          db[v] += d * xv[m][v];
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) *reinterpret_cast<U*>(dB_acc + n * RP + v * W) += db[v];
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) *reinterpret_cast<U*>(g + m * RP + v * W) += gacc[m][v];
+  }
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V xk[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) xk[m] = *reinterpret_cast<const U*>(x[m] + k);
+    for (int64_t r = 0; r < R; ++r) {
+      V acc = *reinterpret_cast<const U*>(dA_acc + r * lda + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc += (V{} + g[m * RP + r]) * xk[m];
+      *reinterpret_cast<U*>(dA_acc + r * lda + k) = acc;
+    }
+  }
+  for (; k < K; ++k)
+    for (int64_t r = 0; r < R; ++r) {
+      T acc = dA_acc[r * lda + k];
+      for (int m = 0; m < MB; ++m) acc += g[m * RP + r] * x[m][k];
+      dA_acc[r * lda + k] = acc;
+    }
+}
+
+// Rows per block: as many as keep g's and xa's vectors in registers next to B's.
+template <int RV>
+constexpr int kFactorRows = RV == 1 ? 8 : RV == 2 ? 4 : 2;
+
+#define DLCORE_FACTOR_BLOCK(TYPE, RV)                                                       \
+  DLCORE_MULTIVERSION void factor_block_##RV(int64_t N, int64_t K, int64_t R,               \
+                                              const TYPE* const* dy, const TYPE* const* x,  \
+                                              const TYPE* bs, const TYPE* xs, TYPE* g,      \
+                                              TYPE* dB_acc, TYPE* dA_acc, int64_t lda) {    \
+    factor_block_body<TYPE, RV, kFactorRows<RV>>(N, K, R, dy, x, bs, xs, g, dB_acc, dA_acc, \
+                                                 lda);                                      \
+  }
+DLCORE_FACTOR_BLOCK(float, 1)
+DLCORE_FACTOR_BLOCK(float, 2)
+DLCORE_FACTOR_BLOCK(float, 3)
+DLCORE_FACTOR_BLOCK(float, 4)
+DLCORE_FACTOR_BLOCK(double, 1)
+DLCORE_FACTOR_BLOCK(double, 2)
+DLCORE_FACTOR_BLOCK(double, 3)
+DLCORE_FACTOR_BLOCK(double, 4)
+#undef DLCORE_FACTOR_BLOCK
+
+template <typename T>
+void factor_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& B,
+                  const at::Tensor& xa, double scaling, at::Tensor& g_out, at::Tensor& dA,
+                  at::Tensor& dB) {
+  constexpr int W = Vec<T>::width;
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), R = B.size(1);
+  const int RV = static_cast<int>((R + W - 1) / W);
+  const int64_t RP = RV * W;
+  const int MB = RV == 1 ? kFactorRows<1> : RV == 2 ? kFactorRows<2> : kFactorRows<3>;
+  // s folded into B's copy (so g and dA carry it) and into xa's (so dB does); rank padded.
+  std::vector<T> bs(N * RP, T(0)), xs((M + MB) * RP, T(0));
+  const T* bp = B.data_ptr<T>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t r = 0; r < R; ++r)
+      bs[n * RP + r] = bp[n * B.stride(0) + r * B.stride(1)] * T(scaling);
+  const float* xap = xa.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < R; ++r) xs[m * RP + r] = T(xap[m * R + r]) * T(scaling);
+  const std::vector<T> zero_row(std::max(N, K), T(0));
+  const T* dyp = dy.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* gp = g_out.data_ptr<T>();
+  const int64_t blocks = (M + MB - 1) / MB;
+  const int64_t workers =
+      M * R * (N + K) < kMinParallelMacs ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+  // lda padded by one cache line: rows K apart (often a power of two) would share L1 sets.
+  const int64_t lda = K + 64 / static_cast<int64_t>(sizeof(T));
+  std::vector<std::vector<T>> dB_acc(workers), dA_acc(workers);
+  using Block = void (*)(int64_t, int64_t, int64_t, const T* const*, const T* const*, const T*,
+                         const T*, T*, T*, T*, int64_t);
+  const Block by_vectors[] = {factor_block_1, factor_block_2, factor_block_3, factor_block_4};
+  const Block block = by_vectors[RV - 1];
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      dB_acc[w].assign(N * RP, T(0));
+      dA_acc[w].assign(R * lda, T(0));
+      std::vector<const T*> dyr(MB), xr(MB);
+      std::vector<T> g(MB * RP);
+      for (int64_t blk; (blk = next_block.fetch_add(1)) < blocks;) {
+        const int64_t m0 = blk * MB;
+        for (int m = 0; m < MB; ++m) {
+          const bool real = m0 + m < M;
+          dyr[m] = real ? dyp + (m0 + m) * dy.stride(0) : zero_row.data();
+          xr[m] = real ? xp + (m0 + m) * x.stride(0) : zero_row.data();
+        }
+        block(N, K, R, dyr.data(), xr.data(), bs.data(), xs.data() + m0 * RP, g.data(),
+              dB_acc[w].data(), dA_acc[w].data(), lda);
+        for (int64_t m = 0; m < MB && m0 + m < M; ++m)
+          std::copy_n(g.data() + m * RP, R, gp + (m0 + m) * R);
+      }
+    }
+  });
+  // Sum the per-thread copies into the outputs (r x in and out x r: small next to dy and x).
+  T* da = dA.data_ptr<T>();
+  T* db = dB.data_ptr<T>();
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        T s = T(0);
+        for (int64_t w = 0; w < workers; ++w) s += dA_acc[w][r * lda + k];
+        da[r * K + k] = s;
+      }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t r = 0; r < R; ++r) {
+      T s = T(0);
+      for (int64_t w = 0; w < workers; ++w) s += dB_acc[w][n * RP + r];
+      db[n * R + r] = s;
+    }
+}
+
+void lora_factor_grads_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& lora_B,
+                              const at::Tensor& xa, double scaling, at::Tensor& g,
+                              at::Tensor& dA, at::Tensor& dB) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && dy.dim() == 2 && dy.stride(1) == 1 &&
+                  dy.size(0) == x.size(0) && dy.scalar_type() == x.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                  x.device().is_cpu() && dy.device().is_cpu(),
+              "lora_factor_grads_kernel: dy (tokens, out) and x (tokens, in) must be float32 or "
+              "float64 CPU tensors of one dtype with unit inner stride, got shapes ", dy.sizes(),
+              " / ", x.sizes(), " dtypes ", dy.scalar_type(), " / ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1);
+  constexpr int64_t kMaxVecs = kFactorMaxVecs;
+  const int64_t max_r = kMaxVecs * (x.scalar_type() == at::kFloat ? Vec<float>::width
+                                                                 : Vec<double>::width);
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == N && lora_B.size(1) >= 1 &&
+                  lora_B.size(1) <= max_r && lora_B.scalar_type() == x.scalar_type(),
+              "lora_factor_grads_kernel: lora_B must be (", N, ", r) of x's dtype with r <= ",
+              max_r, ", got shape ", lora_B.sizes(), " dtype ", lora_B.scalar_type());
+  const int64_t R = lora_B.size(1);
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == R &&
+                  xa.scalar_type() == at::kFloat && xa.is_contiguous(),
+              "lora_factor_grads_kernel: xa must be contiguous float32 (", M, ", ", R,
+              "), got shape ", xa.sizes(), " dtype ", xa.scalar_type());
+  auto check = [&](const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
+                    t.scalar_type() == x.scalar_type(),
+                "lora_factor_grads_kernel: ", name, " must be contiguous (", rows, ", ", cols,
+                ") of x's dtype, got shape ", t.sizes(), " dtype ", t.scalar_type());
+  };
+  check(g, "g", M, R);
+  check(dA, "dA", R, K);
+  check(dB, "dB", N, R);
+  if (x.scalar_type() == at::kFloat)
+    factor_grads<float>(dy, x, lora_B, xa, scaling, g, dA, dB);
+  else
+    factor_grads<double>(dy, x, lora_B, xa, scaling, g, dA, dB);
 }
 
 }  // namespace dlcore::cpu::lora
@@ -461,4 +692,5 @@ void lora_multi_update_kernel(const at::Tensor& x, const at::Tensor& lora_A,
 TORCH_LIBRARY_IMPL(dlcore, CPU, m) {
   m.impl("lora_skinny_fwd_kernel", &dlcore::cpu::lora::lora_skinny_fwd_kernel);
   m.impl("lora_multi_update_kernel", &dlcore::cpu::lora::lora_multi_update_kernel);
+  m.impl("lora_factor_grads_kernel", &dlcore::cpu::lora::lora_factor_grads_kernel);
 }

@@ -9,10 +9,12 @@ saving it costs tokens x r, recomputing it would cost another pass over x.
 Backends: ``triton`` (kernels/lora.py: the low-rank update fused into the base GEMM); ``cpu``,
 which writes the output once and allocates nothing larger than tokens x r besides the outputs:
 up to 64 tokens (float32/64) the C++ ``lora_skinny_fwd_kernel`` computes the whole layer in one
-streaming pass over the weight (BLAS would first pack it); beyond that a BLAS base GEMM with the
-bias, then the rank-r update in place (``addmm_`` for one adapter, the C++
-``lora_multi_update_kernel`` for a mixed batch: rows counting-sorted by adapter, no Python loop);
-dropout works in row chunks; half types use BLAS calls throughout. ``eager``, the reference
+streaming pass over the weight (BLAS would first pack it); beyond that the C++
+``lora_multi_update_kernel`` writes bias + rank-r update into a fresh output (rows
+counting-sorted by adapter for a mixed batch, no Python loop) and the BLAS base GEMM accumulates
+onto it, so the output is written once by each. Backward of one adapter: the C++
+``lora_factor_grads_kernel`` gives dy B, dA and dB in one pass over dy and x. Dropout works in
+row chunks through BLAS; half types use BLAS calls throughout. ``eager``, the reference
 written as peft computes it (dlcore/reference/lora.py).
 """
 
@@ -85,10 +87,13 @@ def _has_cpu_kernel(name: str) -> bool:
 
 
 # The C++ kernels (csrc/cpu/lora.cpp) take float32/float64; half types run the composed path.
-_CPU_KERNELS = _has_cpu_kernel("lora_skinny_fwd_kernel") and _has_cpu_kernel(
-    "lora_multi_update_kernel"
+_CPU_KERNELS = all(
+    _has_cpu_kernel(name)
+    for name in ("lora_skinny_fwd_kernel", "lora_multi_update_kernel", "lora_factor_grads_kernel")
 )
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+# lora_factor_grads_kernel keeps the rank in at most 4 vectors of 64 bytes.
+_FACTOR_MAX_RANK = {torch.float32: 64, torch.float64: 32}
 # Up to this many tokens the cpu backend runs the whole layer in lora_skinny_fwd_kernel (one
 # streaming pass over the weight); BLAS wins beyond it, where packing the weight pays off.
 _SKINNY_MAX_ROWS = 64
@@ -115,10 +120,32 @@ def _fwd_skinny(x, weight, bias, a_stack, b_stack, scalings, indices):
     return out, xa
 
 
+def _update_first(x) -> bool:
+    return _CPU_KERNELS and x.shape[0] > 0 and x.dtype in _KERNEL_DTYPES
+
+
+def _fwd_update_first(x, weight, bias, a_stack, b_stack, scalings, indices, fifo):
+    """out, xa: bias + rank-r update written into a fresh output by lora_multi_update_kernel,
+    then the base GEMM accumulated onto it (beta = 1), as a biased nn.Linear's GEMM accumulates
+    onto the broadcast bias: one pass over the output fewer than GEMM-then-update."""
+    x = last_dim_contiguous(x)
+    out = x.new_empty(x.shape[0], weight.shape[1] if fifo else weight.shape[0])
+    xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    # B as (n, r, out) rows; LoRALinear's stacks are that layout already (a free view).
+    b_t = last_dim_contiguous(b_stack.transpose(1, 2))
+    bias = bias.contiguous() if bias is not None else None
+    torch.ops.dlcore.lora_multi_update_kernel(
+        x, last_dim_contiguous(a_stack), b_t, scalings, indices, out, xa, bias, True
+    )
+    return out.addmm_(x, _base_t(weight, fifo)), xa
+
+
 def _fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
-    if p <= 0 and _skinny(x, weight, fifo):
+    if p <= 0 and (_skinny(x, weight, fifo) or _update_first(x)):
         scal = torch.tensor([scaling], dtype=torch.float64)
-        return _fwd_skinny(x, weight, bias, lora_a[None], lora_b[None], scal, None)
+        if _skinny(x, weight, fifo):
+            return _fwd_skinny(x, weight, bias, lora_a[None], lora_b[None], scal, None)
+        return _fwd_update_first(x, weight, bias, lora_a[None], lora_b[None], scal, None, fifo)
     return _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
 
 
@@ -128,6 +155,35 @@ def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
     xa = _shrink_composed(x, lora_a, p, seed)
     out.addmm_(xa, lora_b.t(), alpha=scaling)
     return out, xa.float()
+
+
+def _factor_grads(dy, lora_b, p) -> bool:
+    return (
+        _CPU_KERNELS
+        and p <= 0
+        and dy.shape[0] > 0
+        and dy.dtype in _KERNEL_DTYPES
+        and lora_b.shape[1] <= _FACTOR_MAX_RANK[dy.dtype]
+    )
+
+
+def _bwd_cpu(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
+    need_x, need_w, need_b, need_a, need_bl = needs
+    if not ((need_a or need_bl) and _factor_grads(dy, lora_b, p)):
+        return _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs)
+    dy, x = last_dim_contiguous(dy), last_dim_contiguous(x)
+    r = lora_b.shape[1]
+    g = dy.new_empty(dy.shape[0], r)
+    da, dbl = dy.new_empty(r, x.shape[1]), dy.new_empty(dy.shape[1], r)
+    torch.ops.dlcore.lora_factor_grads_kernel(dy, x, lora_b, xa.contiguous(), scaling, g, da, dbl)
+    dx, dw, db = (_empty(dy) for _ in range(3))  # distinct: op outputs may not alias
+    if need_x:  # the rank-r term first, then the base GEMM accumulates onto it
+        dx = torch.mm(g, lora_a).addmm_(dy, weight.t() if fifo else weight)
+    if need_w:
+        dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
+    if need_b:
+        db = dy.sum(0)
+    return dx, dw, db, da if need_a else _empty(dy), dbl if need_bl else _empty(dy)
 
 
 def _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
@@ -197,16 +253,8 @@ def _multi_lora_dense(x, out, a_stack, b_stack, scalings, indices, save_xa):
 def _multi_fwd_cpu(x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa):
     if _skinny(x, weight, fifo):
         out, xa = _fwd_skinny(x, weight, bias, a_stack, b_stack, scalings, indices)
-    elif _CPU_KERNELS and x.shape[0] and x.dtype in _KERNEL_DTYPES:
-        x = last_dim_contiguous(x)
-        w = _base_t(weight, fifo)
-        out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
-        # B as (n, r, out) rows; LoRALinear's stacks are that layout already (a free view).
-        b_t = last_dim_contiguous(b_stack.transpose(1, 2))
-        xa = x.new_empty(x.shape[0], a_stack.shape[1], dtype=torch.float32)
-        torch.ops.dlcore.lora_multi_update_kernel(
-            x, last_dim_contiguous(a_stack), b_t, scalings, indices, out, xa
-        )
+    elif _update_first(x):
+        out, xa = _fwd_update_first(x, weight, bias, a_stack, b_stack, scalings, indices, fifo)
     else:
         return _multi_fwd_composed(
             x, weight, bias, a_stack, b_stack, scalings, indices, fifo, save_xa
@@ -425,7 +473,7 @@ def _lora_linear_backward_op(
 
 
 def _lora_linear_backward_body(dy, x, weight, lora_A, lora_B, xa, scaling, p, seed, fifo, needs):
-    impls = {"triton": _bwd_triton, "cpu": _bwd_composed, "eager": _bwd_eager}
+    impls = {"triton": _bwd_triton, "cpu": _bwd_cpu, "eager": _bwd_eager}
     args = (dy, x, weight, lora_A, lora_B, xa, scaling, p, seed, fifo)
     return dispatch("lora_linear_backward", impls, dy.device, *args, tuple(needs))
 
@@ -446,7 +494,11 @@ if _CPU_KERNELS:
         return None
 
     @torch.library.register_fake("dlcore::lora_multi_update_kernel")
-    def _(x, lora_A, lora_B_t, scalings, indices, out, xa):
+    def _(x, lora_A, lora_B_t, scalings, indices, out, xa, bias=None, overwrite=False):
+        return None
+
+    @torch.library.register_fake("dlcore::lora_factor_grads_kernel")
+    def _(dy, x, lora_B, xa, scaling, g, dA, dB):
         return None
 
 
