@@ -93,11 +93,16 @@ def register_autograd(
 
 
 def plain_eager(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Not under torch.compile, and every tensor a plain CPU/CUDA tensor (no meta, fake or
-    subclass): a call that may skip its registered op's per-call bookkeeping (~20-50 us)."""
+    """Not under torch.compile, and every tensor a plain CPU/CUDA tensor or parameter (no meta,
+    fake or other subclass): a call that may skip its registered op's per-call bookkeeping
+    (~20-50 us)."""
     if torch.compiler.is_compiling():
         return False
-    return all(t is None or (type(t) is torch.Tensor and (t.is_cpu or t.is_cuda)) for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and (t.is_cpu or t.is_cuda)) for t in tensors)
+
+
+# nn.Parameter disables __torch_function__: it dispatches exactly as a plain tensor.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def needs_registered_op(tensors: Sequence[torch.Tensor | None]) -> bool:
