@@ -479,9 +479,9 @@ void lora_multi_update_kernel(const at::Tensor& x, const at::Tensor& lora_A,
 //
 // g = s dy B (tokens x r, also needed for dx), dA = g^T x, dB = s dy^T xa. As three BLAS calls
 // these read dy twice and x once, each a skinny GEMM BLAS runs at half its peak. Here a block of
-// kFactorRows token rows is swept once along dy (g accumulates in registers, dB's per-thread
-// copy in L2 takes the block's contribution per output feature) and then once along x (dA's
-// per-thread copy takes g_block^T x_block). r lives in the vector lanes: up to 4 vectors (r <= 64
+// factor_rows(r / vector width) token rows is swept once along dy (g accumulates in registers,
+// dB's per-thread copy in L2 takes the block's contribution per output feature) and then once
+// along x (dA's per-thread copy takes g_block^T x_block). r lives in the vector lanes: up to 4 vectors (r <= 64
 // in float32, 32 in float64); larger ranks take the BLAS path. A tail block points its missing
 // rows at zero rows, so the micro-kernels have fixed shapes.
 constexpr int kFactorMaxVecs = 4;
@@ -556,15 +556,16 @@ __attribute__((always_inline)) inline void factor_block_body(
 }
 
 // Rows per block: as many as keep g's and xa's vectors in registers next to B's.
-template <int RV>
-constexpr int kFactorRows = RV == 1 ? 8 : RV == 2 ? 4 : 2;
+constexpr int factor_rows(int rank_vectors) {
+  return rank_vectors == 1 ? 8 : rank_vectors == 2 ? 4 : 2;
+}
 
 #define DLCORE_FACTOR_BLOCK(TYPE, RV)                                                       \
   DLCORE_MULTIVERSION void factor_block_##RV(int64_t N, int64_t K, int64_t R,               \
                                               const TYPE* const* dy, const TYPE* const* x,  \
                                               const TYPE* bs, const TYPE* xs, TYPE* g,      \
                                               TYPE* dB_acc, TYPE* dA_acc, int64_t lda) {    \
-    factor_block_body<TYPE, RV, kFactorRows<RV>>(N, K, R, dy, x, bs, xs, g, dB_acc, dA_acc, \
+    factor_block_body<TYPE, RV, factor_rows(RV)>(N, K, R, dy, x, bs, xs, g, dB_acc, dA_acc, \
                                                  lda);                                      \
   }
 DLCORE_FACTOR_BLOCK(float, 1)
@@ -585,7 +586,7 @@ void factor_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& B
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), R = B.size(1);
   const int RV = static_cast<int>((R + W - 1) / W);
   const int64_t RP = RV * W;
-  const int MB = RV == 1 ? kFactorRows<1> : RV == 2 ? kFactorRows<2> : kFactorRows<3>;
+  const int MB = factor_rows(RV);
   // s folded into B's copy (so g and dA carry it) and into xa's (so dB does); rank padded.
   std::vector<T> bs(N * RP, T(0)), xs((M + MB) * RP, T(0));
   const T* bp = B.data_ptr<T>();
