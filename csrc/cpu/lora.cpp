@@ -481,9 +481,9 @@ void lora_multi_update_kernel(const at::Tensor& x, const at::Tensor& lora_A,
 // these read dy twice and x once, each a skinny GEMM BLAS runs at half its peak. Here a block of
 // factor_rows(r / vector width) token rows is swept once along dy (g accumulates in registers,
 // dB's per-thread copy in L2 takes the block's contribution per output feature) and then once
-// along x (dA's per-thread copy takes g_block^T x_block). r lives in the vector lanes: up to 4 vectors (r <= 64
-// in float32, 32 in float64); larger ranks take the BLAS path. A tail block points its missing
-// rows at zero rows, so the micro-kernels have fixed shapes.
+// along x (dA's per-thread copy takes g_block^T x_block). r lives in the vector lanes: up to 4
+// vectors (r <= 64 in float32, 32 in float64); larger ranks take the BLAS path. A tail block
+// points its missing rows at zero rows, so the micro-kernels have fixed shapes.
 constexpr int kFactorMaxVecs = 4;
 constexpr int64_t kFactorChunk = 64;
 
