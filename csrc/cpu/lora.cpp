@@ -642,12 +642,14 @@ void factor_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& B
         da[r * K + k] = s;
       }
   });
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t r = 0; r < R; ++r) {
-      T s = T(0);
-      for (int64_t w = 0; w < workers; ++w) s += dB_acc[w][n * RP + r];
-      db[n * R + r] = s;
-    }
+  at::parallel_for(0, N, 1024, [&](int64_t nb, int64_t ne) {
+    for (int64_t n = nb; n < ne; ++n)
+      for (int64_t r = 0; r < R; ++r) {
+        T s = T(0);
+        for (int64_t w = 0; w < workers; ++w) s += dB_acc[w][n * RP + r];
+        db[n * R + r] = s;
+      }
+  });
 }
 
 void lora_factor_grads_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& lora_B,

@@ -92,6 +92,10 @@ def register_autograd(
     torch.library.register_autograd(op, _backward, setup_context=_setup)
 
 
+# nn.Parameter disables __torch_function__: it dispatches exactly as a plain tensor.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_eager(tensors: Sequence[torch.Tensor | None]) -> bool:
     """Not under torch.compile, and every tensor a plain CPU/CUDA tensor or parameter (no meta,
     fake or other subclass): a call that may skip its registered op's per-call bookkeeping
@@ -99,10 +103,6 @@ def plain_eager(tensors: Sequence[torch.Tensor | None]) -> bool:
     if torch.compiler.is_compiling():
         return False
     return all(t is None or (type(t) in _PLAIN and (t.is_cpu or t.is_cuda)) for t in tensors)
-
-
-# nn.Parameter disables __torch_function__: it dispatches exactly as a plain tensor.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def needs_registered_op(tensors: Sequence[torch.Tensor | None]) -> bool:

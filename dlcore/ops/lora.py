@@ -141,12 +141,12 @@ def _fwd_update_first(x, weight, bias, a_stack, b_stack, scalings, indices, fifo
 
 
 def _fwd_cpu(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
-    if p <= 0 and (_skinny(x, weight, fifo) or _update_first(x)):
-        scal = torch.tensor([scaling], dtype=torch.float64)
-        if _skinny(x, weight, fifo):
-            return _fwd_skinny(x, weight, bias, lora_a[None], lora_b[None], scal, None)
-        return _fwd_update_first(x, weight, bias, lora_a[None], lora_b[None], scal, None, fifo)
-    return _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
+    if p > 0 or not _update_first(x):  # dropout, half types, no kernels: BLAS composition
+        return _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo)
+    scal = torch.tensor([scaling], dtype=torch.float64)
+    if _skinny(x, weight, fifo):
+        return _fwd_skinny(x, weight, bias, lora_a[None], lora_b[None], scal, None)
+    return _fwd_update_first(x, weight, bias, lora_a[None], lora_b[None], scal, None, fifo)
 
 
 def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
@@ -155,6 +155,14 @@ def _fwd_composed(x, weight, bias, lora_a, lora_b, scaling, p, seed, fifo):
     xa = _shrink_composed(x, lora_a, p, seed)
     out.addmm_(xa, lora_b.t(), alpha=scaling)
     return out, xa.float()
+
+
+def _base_grads(dy, x, fifo, need_w, need_b):
+    """(dW, dbias) of the base layer, empty where not needed."""
+    dw = _empty(dy)
+    if need_w:
+        dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
+    return dw, dy.sum(0) if need_b else _empty(dy)
 
 
 def _factor_grads(dy, lora_b, p) -> bool:
@@ -176,13 +184,9 @@ def _bwd_cpu(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, needs):
     g = dy.new_empty(dy.shape[0], r)
     da, dbl = dy.new_empty(r, x.shape[1]), dy.new_empty(dy.shape[1], r)
     torch.ops.dlcore.lora_factor_grads_kernel(dy, x, lora_b, xa.contiguous(), scaling, g, da, dbl)
-    dx, dw, db = (_empty(dy) for _ in range(3))  # distinct: op outputs may not alias
-    if need_x:  # the rank-r term first, then the base GEMM accumulates onto it
-        dx = torch.mm(g, lora_a).addmm_(dy, weight.t() if fifo else weight)
-    if need_w:
-        dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
-    if need_b:
-        db = dy.sum(0)
+    # The rank-r term first, then the base GEMM accumulates onto it.
+    dx = torch.mm(g, lora_a).addmm_(dy, weight.t() if fifo else weight) if need_x else _empty(dy)
+    dw, db = _base_grads(dy, x, fifo, need_w, need_b)
     return dx, dw, db, da if need_a else _empty(dy), dbl if need_bl else _empty(dy)
 
 
@@ -208,10 +212,7 @@ def _bwd_composed(dy, x, weight, lora_a, lora_b, xa, scaling, p, seed, fifo, nee
     if need_bl:
         # (xa^T dy)^T: BLAS streams dy row-major this way, ~1.6x faster than dy^T xa.
         dbl = torch.mm((xa.to(dy.dtype) * scaling).t(), dy).t().contiguous()
-    if need_w:
-        dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
-    if need_b:
-        db = dy.sum(0)
+    dw, db = _base_grads(dy, x, fifo, need_w, need_b)
     return dx, dw, db, da, dbl
 
 
@@ -299,10 +300,7 @@ def _multi_bwd_composed(dy, x, weight, a_stack, b_stack, scalings, indices, xa, 
             if need_bl:
                 xa_a = xa.index_select(0, rows).to(dy.dtype)
                 torch.mm(dy_a.t(), xa_a, out=dbl[a]).mul_(scales[a])
-    if need_w:
-        dw = torch.mm(x.t(), dy) if fifo else torch.mm(dy.t(), x)
-    if need_b:
-        db = dy.sum(0)
+    dw, db = _base_grads(dy, x, fifo, need_w, need_b)
     return dx, dw, db, da, dbl
 
 
