@@ -631,25 +631,21 @@ void factor_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& B
       }
     }
   });
-  // Sum the per-thread copies into the outputs (r x in and out x r: small next to dy and x).
-  T* da = dA.data_ptr<T>();
-  T* db = dB.data_ptr<T>();
-  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r)
-      for (int64_t k = 0; k < K; ++k) {
-        T s = T(0);
-        for (int64_t w = 0; w < workers; ++w) s += dA_acc[w][r * lda + k];
-        da[r * K + k] = s;
-      }
-  });
-  at::parallel_for(0, N, 1024, [&](int64_t nb, int64_t ne) {
-    for (int64_t n = nb; n < ne; ++n)
-      for (int64_t r = 0; r < R; ++r) {
-        T s = T(0);
-        for (int64_t w = 0; w < workers; ++w) s += dB_acc[w][n * RP + r];
-        db[n * R + r] = s;
-      }
-  });
+  // Sum the per-thread copies into the outputs (r x in and out x r: small next to dy and x):
+  // dst[i][j] = sum_w copies[w][i * ld + j] over a (rows x cols) output.
+  auto sum_copies = [&](const std::vector<std::vector<T>>& copies, int64_t ld, int64_t rows,
+                        int64_t cols, T* dst) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t ib, int64_t ie) {
+      for (int64_t i = ib; i < ie; ++i)
+        for (int64_t j = 0; j < cols; ++j) {
+          T s = T(0);
+          for (int64_t w = 0; w < workers; ++w) s += copies[w][i * ld + j];
+          dst[i * cols + j] = s;
+        }
+    });
+  };
+  sum_copies(dA_acc, lda, R, K, dA.data_ptr<T>());
+  sum_copies(dB_acc, RP, N, R, dB.data_ptr<T>());
 }
 
 void lora_factor_grads_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& lora_B,
